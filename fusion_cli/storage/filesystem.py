@@ -1,0 +1,179 @@
+"""`file:PATH` -- one `{id}.json` per session in a directory, in the seed's exact format.
+
+Writes go to a hidden temporary file in the same directory, are fsynced,
+renamed over the old file, and the directory is fsynced: a crash leaves the
+old history or the new one. Files are 0600, the directory 0700. The lock of
+session `x` is `flock` on the hidden file `.x.lock` beside it (ids cannot
+start with '.', so it never collides with a session); the kernel drops it
+when its holder dies. Lock files are never deleted: deleting one while
+another process waits on it would let two holders in.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import StorageError, StorageUnavailable
+from ..messages import ChatMessage, decode_history, encode_history
+from .base import ConversationStorage, SessionInfo, is_valid_session_id
+
+SUFFIX = ".json"
+
+
+class FileStorage(ConversationStorage):
+    scheme = "file"
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        super().__init__()
+        self.directory = Path(directory).expanduser()
+        self.location = str(self.directory)
+
+    @classmethod
+    def from_url(cls, url: str) -> "FileStorage":
+        path = url
+        if url.startswith("file://"):
+            path = url[len("file://"):]  # file:///abs/path -> /abs/path
+        elif url.startswith("file:"):
+            path = url[len("file:"):]
+        if not path:
+            from ..errors import InvalidStorageURL
+
+            raise InvalidStorageURL(f"storage URL {url!r} names no directory", hint="use file:PATH")
+        return cls(path)
+
+    def path(self, session_id: str) -> Path:
+        return self.directory / f"{session_id}{SUFFIX}"
+
+    def _ensure_dir(self) -> None:
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _io_error(f"cannot create the session directory {self.directory}", exc) from exc
+        if not self.directory.is_dir():
+            raise StorageUnavailable(f"{self.directory} is not a directory", hint="choose another --storage")
+
+    def _save(self, session_id: str, history: list[ChatMessage]) -> None:
+        self._write_atomic(self.path(session_id), encode_history(history))
+
+    def _write_atomic(self, target: Path, data: bytes) -> None:
+        self._ensure_dir()
+        tmp = None
+        try:
+            # 0600 from the start; the leading dot hides it from list_sessions. (Not
+            # tempfile.mkstemp: importing tempfile costs more than the whole write.)
+            tmp = self.directory / f".{target.stem}.{os.urandom(6).hex()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            tmp = None
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            raise _io_error(f"cannot write {target}", exc) from exc
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+    def _load(self, session_id: str) -> list[ChatMessage]:
+        path = self.path(session_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _io_error(f"cannot read {path}", exc) from exc
+        return decode_history(data, str(path))
+
+    def _delete(self, session_id: str) -> None:
+        try:
+            self.path(session_id).unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _io_error(f"cannot delete {self.path(session_id)}", exc) from exc
+        _fsync_dir(self.directory)
+
+    def _exists(self, session_id: str) -> bool:
+        return self.path(session_id).is_file()
+
+    def _list_sessions(self) -> Iterable[str]:
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _io_error(f"cannot list {self.directory}", exc) from exc
+        ids = []
+        for entry in entries:
+            name = entry.name
+            if name.endswith(SUFFIX) and is_valid_session_id(name[: -len(SUFFIX)]) and entry.is_file():
+                ids.append(name[: -len(SUFFIX)])
+        return ids
+
+    def _info(self, session_id: str) -> SessionInfo | None:
+        path = self.path(session_id)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _io_error(f"cannot read {path}", exc) from exc
+        # The seed's format has no times; the file's own are the best we have.
+        return SessionInfo(session_id, self._count(session_id), _birth_time(st), st.st_mtime)
+
+    def _try_lock(self, session_id: str) -> Any:
+        self._ensure_dir()
+        lock_path = self.directory / f".{session_id}.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _io_error(f"cannot open the lock file {lock_path}", exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as exc:
+            os.close(fd)
+            raise _io_error(f"cannot lock {lock_path}", exc) from exc
+        return fd
+
+    def _unlock(self, session_id: str, handle: Any) -> None:
+        os.close(handle)  # closing the descriptor releases the flock
+
+
+def _birth_time(st: os.stat_result) -> float:
+    return getattr(st, "st_birthtime", None) or min(st.st_ctime, st.st_mtime)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _io_error(what: str, exc: OSError) -> StorageError:
+    reason = exc.strerror or str(exc)
+    hint = None
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "check the directory's permissions or choose another --storage"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "free some space; the previous history is intact"
+    return StorageUnavailable(f"{what}: {reason}", hint=hint)

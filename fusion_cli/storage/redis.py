@@ -1,0 +1,319 @@
+"""`redis://[[USER]:PASSWORD@]HOST:PORT/DB?prefix=P&lock_ttl=S` -- a Redis server.
+
+Also `rediss://` (TLS) and `unix:///path/to.sock?db=N`. `prefix` (default
+``fusion:``) and `lock_ttl` (seconds, default 30) are ours and are stripped;
+every other query parameter goes to redis-py's `Redis.from_url`.
+
+Keys, all under the prefix P:
+
+    {P}session:{id}  LIST    one item per message, compact JSON, oldest first
+    {P}meta:{id}     HASH    created, updated: Unix seconds (floats)
+    {P}sessions      ZSET    every session id, all scores 0
+    {P}lock:{id}     STRING  the session's lock (redis-py's Lock), with a TTL
+
+The index is what makes a session exist: Redis drops an empty list, and an
+empty history is still a session. With equal scores ZRANGE returns members in
+byte order, which is code-point order for our ASCII ids, so listing needs no
+KEYS or SCAN. Times are one small hash per session rather than two store-wide
+hashes so that a session is exactly its own keys: deleting it is one DEL, and
+`HGETALL {P}meta:ID` shows it. Every write is one MULTI/EXEC transaction.
+
+One Redis server (or a proxy in front of one): not Redis Cluster, where a
+transaction could not span a session's keys and the index.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+from urllib.parse import unquote
+
+import redis
+from redis import exceptions as rx
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..errors import InvalidStorageURL, StorageError, StorageUnavailable
+from ..messages import ChatMessage, decode_message, encode_message
+from . import redact_url
+from .base import ConversationStorage, SessionInfo, is_valid_session_id
+
+DEFAULT_PREFIX = "fusion:"
+DEFAULT_LOCK_TTL = 30.0
+# Seconds; redis-py's URL parameters of the same names win over these.
+SOCKET_TIMEOUT = 5.0
+
+log = logging.getLogger(__name__)
+
+
+class RedisStorage(ConversationStorage):
+    scheme = "redis"
+
+    def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX,
+                 lock_ttl: float = DEFAULT_LOCK_TTL, location: str | None = None,
+                 owns_client: bool = False) -> None:
+        """Use `client` (not contacted until the first call); `close()` closes it only if `owns_client`."""
+        super().__init__()
+        if not (lock_ttl > 0 and math.isfinite(lock_ttl)):
+            raise ValueError(f"lock_ttl must be a positive number of seconds, not {lock_ttl!r}")
+        self.client = client
+        self.prefix = prefix
+        self.lock_ttl = float(lock_ttl)
+        self.location = location or _describe(client)
+        self._owns_client = owns_client
+        self._index = f"{prefix}sessions"
+
+    @classmethod
+    def from_url(cls, url: str) -> "RedisStorage":
+        location = _redact(url)
+        base, _, query = url.partition("?")
+        ours: dict[str, str] = {}
+        rest: list[str] = []
+        # Pieces that are not ours stay as written: redis-py decodes them itself.
+        for piece in filter(None, query.split("&")):
+            name, _, value = piece.partition("=")
+            if name in ("prefix", "lock_ttl"):
+                if name in ours:
+                    raise InvalidStorageURL(f"{name!r} is given twice in {location!r}")
+                ours[name] = unquote(value)
+            else:
+                rest.append(piece)
+        lock_ttl = DEFAULT_LOCK_TTL
+        if "lock_ttl" in ours:
+            try:
+                lock_ttl = float(ours["lock_ttl"])
+            except ValueError:
+                lock_ttl = math.nan
+            if not (lock_ttl > 0 and math.isfinite(lock_ttl)):
+                raise InvalidStorageURL(f"lock_ttl={ours['lock_ttl']!r} in {location!r} is not a positive "
+                                        "number of seconds", hint="e.g. lock_ttl=30")
+        try:
+            client = redis.Redis.from_url(
+                base + ("?" + "&".join(rest) if rest else ""),
+                socket_connect_timeout=SOCKET_TIMEOUT,
+                socket_timeout=SOCKET_TIMEOUT,
+                # No silent retries: a retried MULTI/EXEC whose reply was lost would
+                # append a turn twice, and an unreachable server should fail at once.
+                retry=Retry(NoBackoff(), 0),
+            )
+        except ValueError as exc:  # redis-py's word for a bad scheme, port, db or option
+            raise InvalidStorageURL(f"bad Redis URL {location!r}: {exc}",
+                                    hint="e.g. redis://:PASSWORD@HOST:6379/0?prefix=fusion:") from exc
+        return cls(client, prefix=ours.get("prefix", DEFAULT_PREFIX), lock_ttl=lock_ttl,
+                   location=location, owns_client=True)
+
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.connection_pool.disconnect()
+
+    # ---- errors --------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """The one place redis-py's errors become fusion errors."""
+        try:
+            yield
+        except rx.AuthenticationError as exc:  # a ConnectionError too: test it first
+            raise StorageUnavailable(
+                f"Redis at {self.location} refused the credentials: {_first_line(exc)}",
+                hint="check the password in the URL (redis://:PASSWORD@HOST:PORT/DB, or "
+                     "redis://USER:PASSWORD@... for an ACL user; percent-encode '@', ':', '/')",
+            ) from exc
+        except (rx.ConnectionError, rx.TimeoutError) as exc:
+            raise StorageUnavailable(
+                f"cannot reach Redis at {self.location}: {_first_line(exc)}",
+                hint="is redis-server running and reachable from here? "
+                     "Check the --storage URL or FUSION_STORAGE",
+            ) from exc
+        except rx.RedisError as exc:
+            raise StorageError(f"Redis at {self.location} failed: {_first_line(exc)}") from exc
+
+    # ---- keys ------------------------------------------------------------------
+
+    def _list_key(self, session_id: str) -> str:
+        return f"{self.prefix}session:{session_id}"
+
+    def _meta_key(self, session_id: str) -> str:
+        return f"{self.prefix}meta:{session_id}"
+
+    def _touch(self, tx: Any, session_id: str) -> None:
+        """Queue the index entry and the times: created once, updated on every write."""
+        # The client's clock, not the server's TIME: a transaction cannot use a
+        # reply inside itself, and this keeps every write to one round trip.
+        now = time.time()
+        tx.zadd(self._index, {session_id: 0})
+        tx.hsetnx(self._meta_key(session_id), "created", now)
+        tx.hset(self._meta_key(session_id), "updated", now)
+
+    # ---- the hooks -----------------------------------------------------------
+
+    def _save(self, session_id: str, history: list[ChatMessage]) -> None:
+        key = self._list_key(session_id)
+        items = [encode_message(m) for m in history]
+        with self._errors(), self.client.pipeline(transaction=True) as tx:
+            tx.delete(key)
+            if items:  # RPUSH needs at least one value; an empty history is just the index entry
+                tx.rpush(key, *items)
+            self._touch(tx, session_id)
+            tx.execute()
+
+    def _append(self, session_id: str, messages: list[ChatMessage]) -> None:
+        # RPUSH is atomic on its own; no lock and no read of the history.
+        with self._errors(), self.client.pipeline(transaction=True) as tx:
+            if messages:
+                tx.rpush(self._list_key(session_id), *(encode_message(m) for m in messages))
+            self._touch(tx, session_id)
+            tx.execute()
+
+    def _load(self, session_id: str) -> list[ChatMessage]:
+        key = self._list_key(session_id)
+        with self._errors():
+            items = self.client.lrange(key, 0, -1)
+        return [decode_message(item, f"{self.location} key {key} index {i}") for i, item in enumerate(items)]
+
+    def _delete(self, session_id: str) -> None:
+        # The lock key stays: deleting it would let a second holder in beside the first.
+        with self._errors(), self.client.pipeline(transaction=True) as tx:
+            tx.delete(self._list_key(session_id), self._meta_key(session_id))
+            tx.zrem(self._index, session_id)
+            tx.execute()
+
+    def _exists(self, session_id: str) -> bool:
+        with self._errors():
+            return self.client.zscore(self._index, session_id) is not None
+
+    def _list_sessions(self) -> list[str]:
+        with self._errors():
+            members = self.client.zrange(self._index, 0, -1)
+        # Something else writing into our prefix must not make every command fail.
+        return [sid for sid in map(_text, members) if is_valid_session_id(sid)]
+
+    def _count(self, session_id: str) -> int:
+        with self._errors():
+            return self.client.llen(self._list_key(session_id))
+
+    def _info(self, session_id: str) -> SessionInfo | None:
+        with self._errors(), self.client.pipeline(transaction=True) as tx:
+            tx.zscore(self._index, session_id)
+            tx.llen(self._list_key(session_id))
+            tx.hmget(self._meta_key(session_id), "created", "updated")
+            score, count, (created, updated) = tx.execute()
+        if score is None:
+            return None
+        return SessionInfo(session_id, count, _float(created), _float(updated))
+
+    def _list_info(self) -> Iterable[SessionInfo]:
+        ids = self._list_sessions()
+        if not ids:
+            return []
+        # One round trip for all of them, and a transaction so that each session's
+        # count and times come from the same instant.
+        with self._errors(), self.client.pipeline(transaction=True) as tx:
+            for sid in ids:
+                tx.zscore(self._index, sid)
+                tx.llen(self._list_key(sid))
+                tx.hmget(self._meta_key(sid), "created", "updated")
+            replies = tx.execute(raise_on_error=False)
+        infos = []
+        for n, sid in enumerate(ids):
+            score, count, times = replies[3 * n: 3 * n + 3]
+            if score is None:
+                continue  # deleted since the ZRANGE
+            error = next((r for r in (count, times) if isinstance(r, Exception)), None)
+            if error is not None:  # e.g. WRONGTYPE: a key we did not write
+                infos.append(SessionInfo(sid, None, error=f"Redis at {self.location}: {_first_line(error)}"))
+            else:
+                infos.append(SessionInfo(sid, count, _float(times[0]), _float(times[1])))
+        return infos
+
+    def _try_lock(self, session_id: str) -> Any:
+        # thread_local=False: the keeper thread must see the token this thread got.
+        lock = self.client.lock(f"{self.prefix}lock:{session_id}", timeout=self.lock_ttl,
+                                blocking=False, thread_local=False)
+        with self._errors():
+            if not lock.acquire(blocking=False):
+                return None
+        return _LockKeeper(lock, self.lock_ttl / 3)
+
+    def _unlock(self, session_id: str, handle: Any) -> None:
+        handle.stop()
+        # Errors here are logged, not raised: the work done under the lock is
+        # already committed (every write is atomic), so raising now would report a
+        # failed turn that succeeded and invite sending it again, and while an
+        # exception is already propagating it would hide the real one. A lock we
+        # could not release expires on its own within lock_ttl.
+        try:
+            handle.lock.release()
+        except rx.LockNotOwnedError:
+            handle.lost = True  # the TTL ran out first: a stall, or the server was out of reach
+        except rx.RedisError as exc:
+            log.warning("could not release the lock of session %r in %s (%s); it expires in %g s",
+                        session_id, self.location, _first_line(exc), self.lock_ttl)
+        if handle.lost:
+            log.warning("the lock of session %r in %s expired while held (a stall longer than "
+                        "lock_ttl=%g s?); another process may have changed the session meanwhile",
+                        session_id, self.location, self.lock_ttl)
+
+
+class _LockKeeper:
+    """A held redis-py Lock, whose TTL a daemon thread resets every `interval` seconds.
+
+    The TTL frees the lock of a holder that died; the thread keeps a live
+    holder's lock through a model call of any length. A daemon thread dies
+    with its process, so a dead holder's lock expires within one TTL.
+    """
+
+    def __init__(self, lock: Any, interval: float) -> None:
+        self.lock = lock
+        self.lost = False
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._keep, args=(interval,), daemon=True,
+                                        name=f"fusion-lock-keeper {_text(lock.name)}")
+        self._thread.start()
+
+    def _keep(self, interval: float) -> None:
+        while not self._stopped.wait(interval):
+            try:
+                self.lock.reacquire()  # back to the full TTL
+            except rx.LockNotOwnedError:
+                self.lost = True  # it expired and may be someone else's: nothing left to keep
+                return
+            except rx.RedisError:
+                pass  # a blip: two more tries before the TTL runs out
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()  # never release while a reacquire is in flight
+
+
+def _redact(url: str) -> str:
+    # redact_url hides user:PASSWORD@; redis-py also takes ?password=... (unix:// URLs).
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", redact_url(url))
+
+
+def _describe(client: redis.Redis) -> str:
+    """A location for a client we were handed: its address, never its password."""
+    pool = client.connection_pool
+    kw = pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
+    scheme = "rediss" if issubclass(pool.connection_class, redis.SSLConnection) else "redis"
+    return f"{scheme}://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value  # bytes unless decode_responses
+
+
+def _float(value: bytes | str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "..."  # a failed RPUSH quotes its arguments
