@@ -1,0 +1,502 @@
+"""The `fusion` command: parse, call the library, print, map errors to exit codes.
+
+Nothing here does storage or model work itself; heavy modules are imported
+inside the commands that need them so `fusion count` starts fast.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__
+from .errors import FusionError
+
+INTERNAL_ERROR = 70  # EX_SOFTWARE: not one of DESIGN.md's codes, so scripts can tell a bug apart
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so `with` blocks (locks, temp files) unwind."""
+
+
+class FusionGroup(click.Group):
+    """The one place where a FusionError becomes a message and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FusionError as exc:
+            _fail(ctx, exc, exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("fusion: interrupted; the session was left as it was", err=True)
+            ctx.exit(130)
+        except Terminated:
+            click.echo("fusion: terminated; the session was left as it was", err=True)
+            ctx.exit(143)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # Click's own flow (Exit is a RuntimeError)
+        except Exception as exc:  # a bug: one line, the trace only with -v
+            wrapped = FusionError(f"internal error: {type(exc).__name__}: {exc}",
+                                  hint="this is a bug in fusion; rerun with -v for the traceback")
+            wrapped.__cause__ = exc
+            _fail(ctx, wrapped, INTERNAL_ERROR)
+
+
+def _fail(ctx: click.Context, exc: FusionError, code: int) -> NoReturn:
+    app = ctx.find_object(App)
+    if app is not None and app.verbose > 0:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    click.echo(f"fusion: error: {exc}", err=True)
+    ctx.exit(code)
+
+
+class App:
+    """What the group's options decided; settings and storage are built on first use."""
+
+    def __init__(self, flags: dict[str, Any], config: str | None, verbose: int) -> None:
+        self.flags = flags
+        self.config = config
+        self.verbose = verbose
+        self._settings = None
+        self._storage = None
+
+    @property
+    def settings(self):
+        if self._settings is None:
+            from .config import load_settings
+
+            self._settings = load_settings(self.flags, config_file=self.config)
+        return self._settings
+
+    def session_id(self, given: str | None) -> str:
+        """The -s value, else FUSION_SESSION / config, else 'default'; checked before any I/O."""
+        from .storage.base import validate_session_id
+
+        return validate_session_id(given if given is not None else self.settings.session)
+
+    @property
+    def storage(self):
+        if self._storage is None:
+            from .storage import open_storage
+
+            self._storage = open_storage(self.settings.storage)
+        return self._storage
+
+    def on_wait(self, session_id: str):
+        def say() -> None:
+            if self.verbose >= 0:
+                click.echo(f"fusion: session {session_id!r} is busy; waiting for its lock "
+                           f"(up to {self.settings.lock_timeout:g} s)", err=True)
+        return say
+
+    def close(self) -> None:
+        if self._storage is not None:
+            self._storage.close()
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def _complete_sessions(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    root = ctx.find_root()
+    try:
+        from .config import load_settings
+        from .storage import open_storage
+
+        url = root.params.get("storage")
+        store = open_storage(load_settings({"storage": url}, config_file=root.params.get("config")).storage)
+        return [s for s in store.list_sessions() if s.startswith(incomplete)]
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+
+
+session_option = click.option(
+    "-s", "--session", "session", metavar="ID", default=None, shell_complete=_complete_sessions,
+    help="Session id [env FUSION_SESSION; default: default].",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@click.group(cls=FusionGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--storage", metavar="URL",
+              help="Where sessions live: file:DIR, sqlite:PATH, redis://HOST, memory:, ... "
+                   "[env FUSION_STORAGE; default: file: in the user's data directory].")
+@click.option("--config", metavar="FILE", type=click.Path(dir_okay=False),
+              help="TOML config file [env FUSION_CONFIG; default: ~/.config/fusion/config.toml].")
+@click.option("--lock-timeout", type=float, metavar="S",
+              help="Seconds to wait for a busy session [env FUSION_LOCK_TIMEOUT; default: 120].")
+@click.option("-v", "--verbose", count=True, help="Show progress and tracebacks on stderr.")
+@click.option("-q", "--quiet", count=True, help="Say less on stderr.")
+@click.version_option(__version__, "-V", "--version", prog_name="fusion")
+@click.pass_context
+def cli(ctx: click.Context, storage: str | None, config: str | None, lock_timeout: float | None,
+        verbose: int, quiet: int) -> None:
+    """Persistent, multi-turn LLM agent conversations from the command line.
+
+    \b
+    echo "Remember: my name is Alice" | fusion send -s alice
+    fusion send -s alice "What is my name?"
+    fusion list --json
+    """
+    app = App({"storage": storage, "lock_timeout": lock_timeout}, config, verbose - quiet)
+    ctx.obj = app
+    ctx.call_on_close(app.close)
+
+
+@cli.command("list")
+@json_option
+@pass_app
+def list_cmd(app: App, as_json: bool) -> None:
+    """List every session id, one a line (--json: JSON Lines with counts and times)."""
+    if not as_json:
+        ids = app.storage.list_sessions()
+        if ids:
+            click.echo("\n".join(ids))
+        return
+    import orjson
+
+    for info in app.storage.list_info():
+        click.echo(orjson.dumps(info.to_dict()))
+
+
+@cli.command()
+@session_option
+@json_option
+@pass_app
+def count(app: App, session: str | None, as_json: bool) -> None:
+    """Print the number of messages in a session (0 if it does not exist)."""
+    sid = app.session_id(session)
+    n = app.storage.count(sid)
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps({"session": sid, "count": n}))
+    else:
+        click.echo(n)
+
+
+@cli.command()
+@session_option
+@json_option
+@pass_app
+def show(app: App, session: str | None, as_json: bool) -> None:
+    """Print a session's history (nothing for a session that does not exist)."""
+    sid = app.session_id(session)
+    history = app.storage.load(sid)
+    if as_json:
+        from .messages import encode_history
+
+        click.echo(encode_history(history))
+        return
+    colour = sys.stdout.isatty()
+    for i, m in enumerate(history):
+        if i:
+            click.echo()
+        click.echo(click.style(f"[{m.role}]", bold=True) if colour else f"[{m.role}]")
+        click.echo(m.content)
+
+
+@cli.command()
+@session_option
+@pass_app
+def clear(app: App, session: str | None) -> None:
+    """Remove a session's history (no error if it does not exist)."""
+    from .session import Session
+
+    sid = app.session_id(session)
+    Session(sid, app.storage, app.settings.lock_timeout, app.on_wait(sid)).clear_history()
+    if app.verbose > 0:
+        click.echo(f"fusion: cleared session {sid!r}", err=True)
+
+
+@cli.command()
+@pass_app
+def where(app: App) -> None:
+    """Print where sessions are stored (the directory, database or server; no password)."""
+    from .storage import redact_url, url_scheme
+
+    url = app.settings.storage
+    click.echo(app.storage.location if url_scheme(url) in ("file", "sqlite") else redact_url(url))
+
+
+@cli.command()
+@click.option("--from", "source", required=True, metavar="URL", help="The store to copy from.")
+@click.option("--to", "destination", required=True, metavar="URL", help="The store to copy into.")
+@click.option("-s", "--session", "sessions", multiple=True, metavar="ID",
+              help="Copy only this session (repeatable); default: all.")
+@click.option("--on-conflict", type=click.Choice(["fail", "skip", "overwrite"]), default="fail",
+              show_default=True, help="What to do with a session that exists at the destination; "
+                                      "'fail' checks all before writing anything.")
+@click.option("--dry-run", is_flag=True, help="Say what would be copied; write nothing.")
+@json_option
+@pass_app
+def migrate(app: App, source: str, destination: str, sessions: tuple[str, ...], on_conflict: str,
+            dry_run: bool, as_json: bool) -> None:
+    """Copy sessions between two stores, checking each copy reads back equal.
+
+    \b
+    fusion migrate --from ~/.local/share/fusion/sessions --to sqlite:fusion.db
+    fusion migrate --from sqlite:fusion.db --to redis://localhost:6379/0 --on-conflict skip
+    """
+    from .migrate import migrate as run_migration
+    from .storage import open_storage, validate_session_id
+
+    for sid in sessions:
+        validate_session_id(sid)
+    src, dst = open_storage(source), open_storage(destination)
+    try:
+        with _progress(app, src, sessions, dry_run) as advance:
+            report = run_migration(src, dst, sessions or None, on_conflict, dry_run,
+                                   app.settings.lock_timeout, advance)
+    finally:
+        src.close()
+        dst.close()
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(report.to_dict()))
+    else:
+        click.echo(report.summary())
+
+
+def _progress(app: App, src, sessions: tuple[str, ...], dry_run: bool):
+    """A progress bar on stderr when it is a terminal; otherwise a no-op callback."""
+    import contextlib
+
+    if dry_run or app.verbose < 0 or not sys.stderr.isatty():
+        return contextlib.nullcontext(None)
+
+    @contextlib.contextmanager
+    def bar():
+        total = len(sessions) if sessions else len(src.list_sessions())
+        with click.progressbar(length=total, label="migrating", file=sys.stderr) as b:
+            yield lambda _sid: b.update(1)
+
+    return bar()
+
+
+# ---- the model: send and chat ------------------------------------------------
+
+_MODEL_OPTIONS = (
+    click.option("--provider", type=click.Choice(["openai", "anthropic", "echo"], case_sensitive=False),
+                 help="openai (any OpenAI-compatible endpoint), anthropic, or echo (offline) "
+                      "[env FUSION_PROVIDER; default: the one whose API key is set, else a local Ollama]."),
+    click.option("--base-url", metavar="URL",
+                 help="The endpoint, e.g. http://localhost:11434/v1 [env FUSION_BASE_URL]."),
+    click.option("--model", metavar="NAME", help="The model [env FUSION_MODEL; default: the provider's]."),
+    click.option("--timeout", type=float, metavar="S",
+                 help="Seconds per model request [env FUSION_TIMEOUT; default: 60]."),
+    click.option("--max-iterations", type=int, metavar="N",
+                 help="Agent steps per turn [env FUSION_MAX_ITERATIONS; default: 10]."),
+    click.option("--temperature", type=float, metavar="T", help="Sampling temperature [env FUSION_TEMPERATURE]."),
+    click.option("--system", metavar="TEXT", envvar="FUSION_SYSTEM",
+                 help="Instructions for a new session; the tool protocol is added [env FUSION_SYSTEM]."),
+    click.option("--allow", multiple=True, metavar="TOOL", envvar="FUSION_ALLOW",
+                 help="Enable write_file, http_get, execute_shell or all (repeatable) [env FUSION_ALLOW]."),
+)
+_SETTING_FLAGS = ("provider", "base_url", "model", "timeout", "max_iterations", "temperature")
+_UNSENT = "fusion: your message was not sent; here it is:"
+
+
+def model_options(f):
+    for option in reversed(_MODEL_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _open_session(app: App, session: str | None, opts: dict[str, Any]):
+    """The Session for send/chat, with the model flags on top of the app's settings."""
+    from .config import load_settings
+    from .session import Session
+
+    flags = {**app.flags, **{k: opts[k] for k in _SETTING_FLAGS if opts[k] is not None}}
+    settings = load_settings(flags, config_file=app.config)
+    sid = app.session_id(session)
+    loud = app.verbose > 0
+    sess = Session(sid, app.storage, settings.lock_timeout, app.on_wait(sid), settings=settings,
+                   allow=opts["allow"], system_prompt=opts["system"],
+                   on_step=_step_printer() if loud else None,
+                   on_retry=(lambda note: click.echo(f"fusion: {note}", err=True)) if loud else None)
+    if opts["system"] and app.verbose >= 0 and sess.message_count():
+        click.echo(f"fusion: --system applies to a new session only; {sid!r} keeps its prompt "
+                   f"('fusion clear -s {sid}' starts it over)", err=True)
+    if loud:  # which model answers is the first question when something looks wrong
+        from .llm.base import safe_url
+
+        e = sess.endpoint
+        where = "offline" if e.provider == "echo" else safe_url(e.base_url)
+        click.echo(f"fusion: model {e.model!r} ({e.provider}, {where})", err=True)
+    return sess
+
+
+def _step_printer():
+    import itertools
+
+    import orjson
+
+    numbers = itertools.count(1)
+
+    def show(step) -> None:
+        n = next(numbers)
+        if step.thought:
+            click.echo(f"fusion: step {n}: {step.thought}", err=True)
+        if step.action is not None:
+            click.echo(f"fusion: step {n}: {step.action} {orjson.dumps(step.input).decode()}", err=True)
+        if step.observation is not None:
+            seen = " ".join(step.observation.split())
+            click.echo(f"fusion: step {n}: observation: {seen[:300]}{'...' if len(seen) > 300 else ''}",
+                       err=True)
+    return show
+
+
+def _read_message(words: tuple[str, ...]) -> str:
+    """The arguments joined by spaces, else stdin less its one trailing newline."""
+    from .errors import UsageError
+
+    if words and words != ("-",):
+        return " ".join(words)
+    stream = click.get_binary_stream("stdin")
+    if stream.isatty():
+        click.echo("fusion: reading the message from stdin; end it with Ctrl-D", err=True)
+    try:
+        text = stream.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"the message on stdin is not valid UTF-8 (at byte {exc.start})",
+                         hint="convert it first, e.g. with iconv -t UTF-8") from None
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def _keep_unsent(exc, text: str) -> None:
+    # The error line ends with the message itself, so a piped message is not lost.
+    exc.message, exc.hint = f"{exc}\n{_UNSENT}\n{text}", None
+
+
+@cli.command()
+@session_option
+@model_options
+@json_option
+@click.argument("message", nargs=-1)
+@pass_app
+def send(app: App, session: str | None, message: tuple[str, ...], as_json: bool, **opts: Any) -> None:
+    """Send MESSAGE (the arguments, or stdin when none or '-') and print the answer.
+
+    \b
+    fusion send -s alice "What is my name?"
+    echo "Remember: my name is Alice" | fusion send -s alice
+    FUSION_PROVIDER=echo fusion send "try fusion offline"
+
+    The API key comes from FUSION_API_KEY, else OPENAI_API_KEY or ANTHROPIC_API_KEY.
+    """
+    from .errors import ProviderError, StorageError
+
+    text = _read_message(message)
+    with _open_session(app, session, opts) as sess:
+        try:
+            result = sess.send_message(text)
+        except (ProviderError, StorageError) as exc:
+            _keep_unsent(exc, text)
+            raise
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(result.to_dict()))
+    elif result.success:
+        click.echo(result.result)
+    if not result.success:
+        raise FusionError(f"the agent stopped after {len(result.steps)} steps without a final answer; "
+                          "the turn was saved", hint="raise --max-iterations or FUSION_MAX_ITERATIONS")
+
+
+_CHAT_HELP = """\
+/count  the number of messages in the session
+/clear  remove the session's history
+/help   this list
+/exit   leave (so does Ctrl-D)
+Any other line is sent to the agent."""
+
+
+@cli.command()
+@session_option
+@model_options
+@pass_app
+def chat(app: App, session: str | None, **opts: Any) -> None:
+    """Talk with the agent, one committed turn a line: /count, /clear, /help, /exit (or Ctrl-D)."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    with _open_session(app, session, opts) as sess:
+        if interactive:
+            click.echo(f"fusion chat, session {sess.session_id!r}: /help for commands, Ctrl-D leaves", err=True)
+        while (line := _next_line(interactive)) is not None:
+            command = line.strip()
+            if command == "/exit":
+                break
+            if command == "/clear":
+                sess.clear_history()
+                click.echo("fusion: history cleared", err=True)
+            elif command == "/count":
+                click.echo(f"Messages: {sess.message_count()}")
+            elif command == "/help":
+                click.echo(_CHAT_HELP, err=True)
+            elif command.startswith("/") and " " not in command:
+                click.echo(f"fusion: unknown command {command}; /help lists them", err=True)
+            elif command:
+                _chat_turn(sess, line, interactive)
+
+
+def _next_line(interactive: bool) -> str | None:
+    """The next line without its newline; None at the end of input."""
+    from .errors import UsageError
+
+    try:
+        line = input("> ") if interactive else sys.stdin.readline()
+    except EOFError:
+        click.echo(err=True)  # end the prompt's line after Ctrl-D
+        return None
+    except UnicodeDecodeError:
+        raise UsageError("a line on stdin is not valid UTF-8") from None
+    if not interactive and not line:
+        return None
+    return line.removesuffix("\n")
+
+
+def _chat_turn(sess, text: str, interactive: bool) -> None:
+    """One committed turn; a failure is reported and the chat goes on."""
+    from .errors import ProviderError, StorageError
+
+    try:
+        result = sess.send_message(text)
+    except (ProviderError, StorageError) as exc:
+        click.echo(f"fusion: error: {exc}", err=True)
+        click.echo("fusion: that message was not sent" + (" (Up brings it back)" if interactive else ""),
+                   err=True)
+        return
+    if result.success:
+        click.echo(result.result)
+    else:
+        click.echo(f"fusion: {result.result} The turn was saved; raise --max-iterations.", err=True)
+    if interactive:
+        click.echo()
+
+
+# ---- entry point -------------------------------------------------------------
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def main(args: list[str] | None = None, prog_name: str = "fusion") -> None:
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    cli.main(args=args, prog_name=prog_name)
+
+
+if __name__ == "__main__":
+    main()
