@@ -19,6 +19,9 @@ echo "What is my name?" | fusion send -s demo
 say 'fusion count -s demo'
 fusion count -s demo
 
+say 'fusion show -s demo      # the stored history: system prompt, messages, answers'
+fusion show -s demo
+
 store=$(fusion where)
 cat <<TEXT
 
