@@ -79,5 +79,19 @@ def open_storage(url: str) -> ConversationStorage:
 
 
 def redact_url(url: str) -> str:
-    """`url` with any password replaced by ``***``, for messages."""
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
+    """`url` with any password replaced by ``***``, for messages and `fusion where`.
+
+    Covers ``user:PASSWORD@`` (the last ``@`` before the query ends the
+    credentials, so an unencoded ``/`` or ``@`` inside the password is hidden
+    too) and a ``password=`` query parameter, which redis-py and libpq take.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    before_query, q, query = rest.partition("?")
+    credentials, at, host = before_query.rpartition("@")
+    if at and ":" in credentials:
+        before_query = credentials.split(":", 1)[0] + ":***@" + host
+    if q:
+        query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", query, flags=re.I)
+    return scheme + sep + before_query + q + query
