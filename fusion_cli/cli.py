@@ -150,18 +150,63 @@ def cli(ctx: click.Context, storage: str | None, config: str | None, lock_timeou
 
 @cli.command("list")
 @json_option
+@click.option("-l", "--long", "long", is_flag=True, help="A table: id, messages, created, updated (UTC).")
+@click.option("--sort", type=click.Choice(["id", "updated", "created"]), default="id", show_default=True,
+              help="Order by id, or by time (oldest first).")
+@click.option("-r", "--reverse", is_flag=True, help="Reverse the order.")
+@click.option("--since", metavar="WHEN",
+              help="Only sessions updated since WHEN: 30d, 12h, 90m (ago) or an ISO date.")
+@click.option("--before", metavar="WHEN", help="Only sessions last updated before WHEN (same forms).")
 @pass_app
-def list_cmd(app: App, as_json: bool) -> None:
-    """List every session id, one a line (--json: JSON Lines with counts and times)."""
-    if not as_json:
-        ids = app.storage.list_sessions()
-        if ids:
-            click.echo("\n".join(ids))
-        return
-    import orjson
+def list_cmd(app: App, as_json: bool, long: bool, sort: str, reverse: bool, since: str | None,
+             before: str | None) -> None:
+    """List every session id, one a line (--json: JSON Lines with counts and times; --long: a table).
 
-    for info in app.storage.list_info():
-        click.echo(orjson.dumps(info.to_dict()))
+    \b
+    fusion list --long --sort updated
+    fusion list --since 7d            # updated in the last week
+    fusion list --json --before 2024-01-01
+    """
+    if not (as_json or long or since or before or sort != "id"):
+        ids = app.storage.list_sessions()  # the fast path: no counts, no times
+        if ids:
+            click.echo("\n".join(reversed(ids) if reverse else ids))
+        return
+    from .lifecycle import select_sessions
+
+    window = {name: _when(f"--{name}", value) for name, value in (("since", since), ("before", before))}
+    infos = select_sessions(app.storage.list_info(), sort=sort, reverse=reverse, **window)
+    if as_json:
+        import orjson
+
+        for info in infos:
+            click.echo(orjson.dumps(info.to_dict()))
+    elif long:
+        rows = [("ID", "MESSAGES", "CREATED", "UPDATED", "")]
+        for info in infos:
+            d = info.to_dict()
+            rows.append((info.id, "?" if info.messages is None else str(info.messages), d["created"] or "-",
+                         d["updated"] or "-", f"error: {info.error}" if info.error else ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:  # the count right-aligned, the rest left; the error, if any, last
+            cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]),
+                     r[3].ljust(widths[3]), r[4]]
+            click.echo("  ".join(cells).rstrip())
+    elif infos:
+        click.echo("\n".join(i.id for i in infos))
+
+
+def _when(option: str, value: str | None) -> float | None:
+    """A --since/--before/--older-than value as Unix seconds; UsageError naming the option."""
+    if value is None:
+        return None
+    from .timespec import parse_time
+
+    try:
+        return parse_time(value)
+    except FusionError as exc:
+        exc.message = f"{option}: {exc.message}"
+        raise
 
 
 @cli.command()
@@ -280,6 +325,112 @@ def _progress(app: App, src, sessions: tuple[str, ...], dry_run: bool):
     return bar()
 
 
+@cli.command()
+@click.option("--older-than", "older_than", required=True, metavar="AGE",
+              help="Remove sessions not updated for AGE (30d, 12h, 90m, seconds) or since a date (ISO).")
+@click.option("--dry-run", is_flag=True, help="Print what would be removed; remove nothing.")
+@json_option
+@pass_app
+def prune(app: App, older_than: str, dry_run: bool, as_json: bool) -> None:
+    """Remove sessions nobody has updated for a while: one removed id a line on stdout.
+
+    A session in use (its lock held, e.g. by a running send) or written since
+    the listing is kept. The summary goes to stderr (--json: one object on stdout).
+
+    \b
+    fusion prune --older-than 30d --dry-run
+    0 3 * * * fusion prune --older-than 90d      # in a crontab
+    """
+    from .lifecycle import prune as run_prune
+
+    cutoff = _when("--older-than", older_than)
+    report = run_prune(app.storage, cutoff=cutoff, dry_run=dry_run,
+                       on_removed=None if as_json else click.echo)
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(report.to_dict()))
+    elif app.verbose >= 0:
+        click.echo(f"fusion: {report.summary()}", err=True)
+        if report.unreadable:
+            click.echo(f"fusion: could not read {', '.join(report.unreadable)}; 'fusion list --json' "
+                       "shows why", err=True)
+
+
+@cli.command()
+@click.option("-s", "--session", "sessions", multiple=True, metavar="ID", shell_complete=_complete_sessions,
+              help="Export this session (repeatable) [default: FUSION_SESSION, else 'default'].")
+@click.option("--all", "all_sessions", is_flag=True, help="Export every session.")
+@click.option("--format", "fmt", type=click.Choice(["json", "jsonl"]), default="json", show_default=True,
+              help="One JSON document, or JSON Lines (a session a line).")
+@click.option("-o", "--output", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Write to FILE (atomically, mode 0600) instead of stdout ('-').")
+@pass_app
+def export(app: App, sessions: tuple[str, ...], all_sessions: bool, fmt: str, output: str | None) -> None:
+    """Write sessions with their messages and times, for `fusion import` or other tools.
+
+    \b
+    fusion export --all -o backup.json
+    fusion export -s alice --format jsonl | jq .
+    """
+    from .errors import UsageError
+    from .transfer import export_sessions, write_export
+
+    if all_sessions and sessions:
+        raise UsageError("give -s or --all, not both")
+    ids = None if all_sessions else [app.session_id(s) for s in sessions] or [app.session_id(None)]
+    to_file = output not in (None, "-")
+    if to_file:
+        count, messages = write_export(app.storage, output, ids, fmt)
+    else:
+        stream = sys.stdout.buffer
+        count, messages = export_sessions(app.storage, stream, ids, fmt)
+        stream.flush()
+    if app.verbose > 0 or (to_file and app.verbose >= 0):
+        click.echo(f"fusion: exported {count} session{'' if count == 1 else 's'} ({messages} messages)"
+                   + (f" to {output}" if to_file else ""), err=True)
+
+
+@cli.command("import")
+@click.argument("file", required=False, default="-", metavar="[FILE|-]")
+@click.option("--on-conflict", type=click.Choice(["fail", "skip", "overwrite"]), default="fail",
+              show_default=True, help="What to do with a session that exists already; "
+                                      "'fail' checks all before writing anything.")
+@click.option("--dry-run", is_flag=True,
+              help="Check the input and say what would be imported; write nothing.")
+@json_option
+@pass_app
+def import_cmd(app: App, file: str, on_conflict: str, dry_run: bool, as_json: bool) -> None:
+    """Read sessions from an export (FILE, or stdin when none or '-') into the store.
+
+    Everything is checked before anything is written; the summary goes to stdout.
+
+    \b
+    fusion import backup.json --on-conflict skip
+    fusion --storage sqlite:other.db export --all | fusion import -
+    """
+    from .errors import UsageError
+    from .transfer import import_sessions
+
+    if file == "-":
+        data, source = sys.stdin.buffer.read(), "stdin"
+    else:
+        try:
+            with open(file, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read {file}: {exc.strerror}") from None
+        source = file
+    report = import_sessions(data, app.storage, on_conflict, dry_run, app.settings.lock_timeout,
+                             source=source)
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(report.to_dict()))
+    else:
+        click.echo(report.summary())
+
+
 # ---- the model: send and chat ------------------------------------------------
 
 _MODEL_OPTIONS = (
@@ -294,12 +445,15 @@ _MODEL_OPTIONS = (
     click.option("--max-iterations", type=int, metavar="N",
                  help="Agent steps per turn [env FUSION_MAX_ITERATIONS; default: 10]."),
     click.option("--temperature", type=float, metavar="T", help="Sampling temperature [env FUSION_TEMPERATURE]."),
+    click.option("--max-history", type=int, metavar="N",
+                 help="Send the model only the system prompt and the last N messages; all are kept "
+                      "[env FUSION_MAX_HISTORY; default: all]."),
     click.option("--system", metavar="TEXT", envvar="FUSION_SYSTEM",
                  help="Instructions for a new session; the tool protocol is added [env FUSION_SYSTEM]."),
     click.option("--allow", multiple=True, metavar="TOOL", envvar="FUSION_ALLOW",
                  help="Enable write_file, http_get, execute_shell or all (repeatable) [env FUSION_ALLOW]."),
 )
-_SETTING_FLAGS = ("provider", "base_url", "model", "timeout", "max_iterations", "temperature")
+_SETTING_FLAGS = ("provider", "base_url", "model", "timeout", "max_iterations", "temperature", "max_history")
 _UNSENT = "fusion: your message was not sent; here it is:"
 
 
@@ -321,7 +475,10 @@ def _open_session(app: App, session: str | None, opts: dict[str, Any]):
     sess = Session(sid, app.storage, settings.lock_timeout, app.on_wait(sid), settings=settings,
                    allow=opts["allow"], system_prompt=opts["system"],
                    on_step=_step_printer() if loud else None,
-                   on_retry=(lambda note: click.echo(f"fusion: {note}", err=True)) if loud else None)
+                   on_retry=(lambda note: click.echo(f"fusion: {note}", err=True)) if loud else None,
+                   on_trim=(lambda sent, total: click.echo(
+                       f"fusion: sending the last {sent} of {total} messages (--max-history)", err=True))
+                   if loud else None)
     if opts["system"] and app.verbose >= 0 and sess.message_count():
         click.echo(f"fusion: --system applies to a new session only; {sid!r} keeps its prompt "
                    f"('fusion clear -s {sid}' starts it over)", err=True)

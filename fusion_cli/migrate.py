@@ -18,18 +18,22 @@ class MigrationReport:
     skipped: list[str] = field(default_factory=list)  # left as they were at the destination
     messages: int = 0
     dry_run: bool = False
+    action: str = "copy"  # or "import": only the words of summary() and to_dict() change
 
     def summary(self) -> str:
-        verb = "would copy" if self.dry_run else "copied"
+        done, would = _VERBS[self.action]
         return (
-            f"{verb} {len(self.copied) + len(self.overwritten)} sessions "
+            f"{would if self.dry_run else done} {len(self.copied) + len(self.overwritten)} sessions "
             f"({self.messages} messages): {len(self.copied)} new, "
             f"{len(self.overwritten)} overwritten, {len(self.skipped)} skipped"
         )
 
     def to_dict(self) -> dict[str, object]:
-        return {"copied": self.copied, "overwritten": self.overwritten, "skipped": self.skipped,
-                "messages": self.messages, "dry_run": self.dry_run}
+        return {_VERBS[self.action][0]: self.copied, "overwritten": self.overwritten,
+                "skipped": self.skipped, "messages": self.messages, "dry_run": self.dry_run}
+
+
+_VERBS = {"copy": ("copied", "would copy"), "import": ("imported", "would import")}
 
 
 def plan_migration(
@@ -53,7 +57,7 @@ def plan_migration(
     if conflicts and on_conflict == "fail":
         shown = ", ".join(conflicts[:5]) + (f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
         raise MigrationConflict(
-            f"{len(conflicts)} session(s) already exist in {destination.location}: {shown}; nothing was copied",
+            f"{len(conflicts)} session(s) already exist in {destination.location}: {shown}; nothing was written",
             hint="choose --on-conflict skip or --on-conflict overwrite",
         )
     return ids, conflicts
@@ -67,17 +71,23 @@ def migrate(
     dry_run: bool = False,
     lock_timeout: float = 120.0,
     progress: Callable[[str], None] | None = None,
+    action: str = "copy",
 ) -> MigrationReport:
     """Copy each session (all, or `session_ids`) and check the copy reads back equal.
 
     Each session is written atomically under the destination's lock, so a
     failure part-way leaves whole sessions only; rerunning with `skip` resumes.
+    Any two stores will do, `memory:` ones included (two memory stores are
+    two stores; only the same object is refused). `action` ("copy" or
+    "import") names the work in the report and in errors.
     """
-    if source.location == destination.location and type(source) is type(destination):
+    if action not in _VERBS:
+        raise ValueError(f"unknown action {action!r}")
+    if same_store(source, destination):
         raise UsageError("--from and --to name the same store")
     ids, conflicts = plan_migration(source, destination, session_ids, on_conflict)
     conflict_set = set(conflicts)
-    report = MigrationReport(dry_run=dry_run)
+    report = MigrationReport(dry_run=dry_run, action=action)
     for sid in ids:
         if sid in conflict_set and on_conflict == "skip":
             report.skipped.append(sid)
@@ -86,14 +96,24 @@ def migrate(
                 report.messages += _copy_one(source, destination, sid, dry_run, lock_timeout)
             except FusionError as exc:
                 done = len(report.copied) + len(report.overwritten)
-                exc.message = (f"migration stopped at session {sid!r}: {exc.message} "
-                               f"({done} session(s) copied before it)")
+                what = "migration" if action == "copy" else action
+                exc.message = (f"{what} stopped at session {sid!r}: {exc.message} "
+                               f"({done} session(s) {_VERBS[action][0]} before it)")
                 exc.hint = exc.hint or "fix the cause, then rerun with --on-conflict skip to resume"
                 raise
             (report.overwritten if sid in conflict_set else report.copied).append(sid)
         if progress is not None:
             progress(sid)
     return report
+
+
+def same_store(a: ConversationStorage, b: ConversationStorage) -> bool:
+    """Whether two storage objects are one store (a memory: store is only ever itself)."""
+    if a is b:
+        return True
+    if a.scheme == "memory" or b.scheme == "memory":
+        return False
+    return a.location == b.location and type(a) is type(b)
 
 
 def _copy_one(source: ConversationStorage, destination: ConversationStorage,

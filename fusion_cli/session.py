@@ -9,7 +9,13 @@ A turn (`send_message`) holds the session's lock from loading the history to
 committing the turn, and commits with one `append`: the user's message,
 every step, and the final answer (the system prompt first when the session
 is new). If the model fails, nothing is written. A Session never prints;
-progress goes to the optional `on_step` and `on_retry` callbacks.
+progress goes to the optional `on_step`, `on_retry` and `on_trim` callbacks.
+
+`max_history` (a setting) limits what the model is sent, never what is
+stored: the system prompt and the last `max_history` messages of the history,
+then the new message. `on_trim(sent, total)` is called when a turn's context
+was cut that way (`sent` of the history's `total` messages, the system
+prompt not counted).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class Session:
                  system_prompt: str | None = None,
                  on_step: Callable[[Step], None] | None = None,
                  on_retry: Callable[[str], None] | None = None,
+                 on_trim: Callable[[int, int], None] | None = None,
                  **model_options: Any) -> None:
         unknown = sorted(set(model_options) - set(MODEL_OPTIONS))
         if unknown:
@@ -52,6 +59,7 @@ class Session:
         self.on_wait = on_wait
         self.on_step = on_step
         self.on_retry = on_retry
+        self.on_trim = on_trim
         self.instructions = system_prompt  # for a new session; the tool protocol is added to it
         self._given_settings, self._model_options = settings, model_options
         self._settings: Settings | None = None
@@ -155,7 +163,11 @@ class Session:
         else:  # a history written without one: the model still needs the protocol
             head, rest = [ChatMessage.system(self.system_prompt())], history
         limit = self.settings.max_history
-        return head + (rest[-limit:] if limit else rest)
+        if not limit or len(rest) <= limit:
+            return head + rest
+        if self.on_trim is not None:
+            self.on_trim(limit, len(rest))
+        return head + rest[-limit:]
 
     def close(self) -> None:
         if self._client is not None:
@@ -173,7 +185,7 @@ def create_session(session_id: str, storage: ConversationStorage | str,
     """A Session on `storage` (a backend object or a storage URL); loads nothing yet.
 
     `options`: lock_timeout, on_wait, settings, client, allow, root, system_prompt,
-    on_step, on_retry, and the model settings (provider, base_url, model, api_key,
+    on_step, on_retry, on_trim, and the model settings (provider, base_url, model, api_key,
     max_iterations, timeout, temperature, max_history).
     """
     validate_session_id(session_id)

@@ -116,3 +116,52 @@ def test_same_store_is_refused(make_url):
 def test_unknown_scheme_is_refused(make_url):
     result = CliRunner().invoke(cli, ["migrate", "--from", "nosuch://x", "--to", make_url("file")])
     assert result.exit_code == 2 and "unknown storage scheme" in result.stderr
+
+
+# ---- memory: pairs, through the library with open store objects ----------------
+# memory: lives in one process, so the command cannot take it; the library can.
+
+@pytest.mark.parametrize("src_kind,dst_kind",
+                         [(a, b) for a, b in itertools.product(["memory", *PERSISTENT], repeat=2)
+                          if "memory" in (a, b)])
+def test_every_pair_with_memory_through_the_library(src_kind, dst_kind, make_url):
+    from fusion_cli.migrate import migrate
+
+    src, dst = open_storage(make_url(src_kind)), open_storage(make_url(dst_kind))
+    for sid, history in SESSIONS.items():
+        src.save(sid, history)
+    report = migrate(src, dst)
+    assert (report.copied, report.messages) == (["alice", "bob", "empty"], 5)
+    assert {sid: dst.load(sid) for sid in dst.list_sessions()} == SESSIONS
+    assert {sid: src.load(sid) for sid in src.list_sessions()} == SESSIONS
+    again = migrate(src, dst, on_conflict="skip")
+    assert (again.copied, again.skipped) == ([], ["alice", "bob", "empty"])
+    src.close()
+    dst.close()
+
+
+def test_one_memory_store_is_not_two():
+    from fusion_cli.errors import UsageError
+    from fusion_cli.migrate import migrate
+
+    store = open_storage("memory:")
+    store.save("a", [U("x")])
+    with pytest.raises(UsageError, match="same store"):
+        migrate(store, store)
+    other = open_storage("memory:")
+    assert migrate(store, other).copied == ["a"] and other.load("a") == [U("x")]
+
+
+def test_conflicts_with_memory_are_found_before_any_write(make_url):
+    from fusion_cli.errors import MigrationConflict
+    from fusion_cli.migrate import migrate
+
+    src, dst = open_storage("memory:"), open_storage(make_url("sqlite"))
+    for sid, history in SESSIONS.items():
+        src.save(sid, history)
+    dst.save("empty", [U("theirs")])
+    with pytest.raises(MigrationConflict, match="nothing was written"):
+        migrate(src, dst)
+    assert dst.list_sessions() == ["empty"] and dst.load("empty") == [U("theirs")]
+    assert migrate(src, dst, on_conflict="overwrite").overwritten == ["empty"]
+    assert dst.load("empty") == []

@@ -68,6 +68,7 @@ class FileStorage(ConversationStorage):
             tmp = self.directory / f".{target.stem}.{os.urandom(6).hex()}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as f:
+                _carry_created_time(target, f.fileno())
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -128,7 +129,7 @@ class FileStorage(ConversationStorage):
         except OSError as exc:
             raise _io_error(f"cannot read {path}", exc) from exc
         # The seed's format has no times; the file's own are the best we have.
-        return SessionInfo(session_id, self._count(session_id), _birth_time(st), st.st_mtime)
+        return SessionInfo(session_id, self._count(session_id), _birth_time(st, path), st.st_mtime)
 
     def _try_lock(self, session_id: str) -> Any:
         self._ensure_dir()
@@ -151,8 +152,34 @@ class FileStorage(ConversationStorage):
         os.close(handle)  # closing the descriptor releases the flock
 
 
-def _birth_time(st: os.stat_result) -> float:
+# The seed's format has no room for times, and every write renames a new file into
+# place, so a session's creation time rides along in an extended attribute that
+# each write copies from the file it replaces. Where xattrs are unsupported
+# (macOS's Python, some filesystems) the file's own birth/change time stands in.
+CREATED_XATTR = "user.fusion.created"
+_HAS_XATTR = hasattr(os, "getxattr")
+
+
+def _birth_time(st: os.stat_result, path: Path | None = None) -> float:
+    if path is not None and _HAS_XATTR:
+        try:
+            return float(os.getxattr(path, CREATED_XATTR))
+        except (OSError, ValueError):
+            pass
     return getattr(st, "st_birthtime", None) or min(st.st_ctime, st.st_mtime)
+
+
+def _carry_created_time(target: Path, fd: int) -> None:
+    if not _HAS_XATTR:
+        return
+    try:
+        created = _birth_time(target.stat(), target)
+    except OSError:
+        return  # a new session: its own file times are its creation time
+    try:
+        os.setxattr(fd, CREATED_XATTR, repr(created).encode())
+    except OSError:
+        pass  # ENOTSUP and friends: fall back to the file's own times
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,14 +1,15 @@
-"""`redis://[[USER]:PASSWORD@]HOST:PORT/DB?prefix=P&lock_ttl=S` -- a Redis server.
+"""`redis://[[USER]:PASSWORD@]HOST:PORT/DB?prefix=P&lock_ttl=S&ttl=T` -- a Redis server.
 
 Also `rediss://` (TLS) and `unix:///path/to.sock?db=N`. `prefix` (default
-``fusion:``) and `lock_ttl` (seconds, default 30) are ours and are stripped;
+``fusion:``), `lock_ttl` (seconds, default 30) and `ttl` (a duration such as
+``30d``, ``12h`` or plain seconds; default none) are ours and are stripped;
 every other query parameter goes to redis-py's `Redis.from_url`.
 
 Keys, all under the prefix P:
 
     {P}session:{id}  LIST    one item per message, compact JSON, oldest first
     {P}meta:{id}     HASH    created, updated: Unix seconds (floats)
-    {P}sessions      ZSET    every session id, all scores 0
+    {P}sessions      ZSET    every session id; score 0, or when it expires (see below)
     {P}lock:{id}     STRING  the session's lock (redis-py's Lock), with a TTL
 
 The index is what makes a session exist: Redis drops an empty list, and an
@@ -17,6 +18,19 @@ byte order, which is code-point order for our ASCII ids, so listing needs no
 KEYS or SCAN. Times are one small hash per session rather than two store-wide
 hashes so that a session is exactly its own keys: deleting it is one DEL, and
 `HGETALL {P}meta:ID` shows it. Every write is one MULTI/EXEC transaction.
+
+With `ttl`, every write also sets the session's list and hash to expire
+`ttl` seconds later (PEXPIRE, so each write refreshes it) and gives its index
+entry that moment, in Unix seconds, as its score; a write without `ttl`
+makes them permanent again (PERSIST, score 0). Redis expires keys, not the
+members of a sorted set, so readers treat an entry whose score has passed
+as gone (`exists`, `info`, `list`), and a listing that meets such entries
+removes them in one ZREMRANGEBYSCORE over the past scores, which cannot
+touch a session written again meanwhile (its score is in the future, or 0).
+The score comes from the client's clock and the key's expiry from the
+server's: clocks that disagree by more than a moment make a session vanish
+from listings a little before or after its keys do, never anything worse.
+A session without a TTL sorts first (score 0); listings sort by id anyway.
 
 One Redis server (or a proxy in front of one): not Redis Cluster, where a
 transaction could not span a session's keys and the index.
@@ -38,8 +52,9 @@ from redis import exceptions as rx
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..errors import InvalidStorageURL, StorageError, StorageUnavailable
+from ..errors import InvalidStorageURL, StorageError, StorageUnavailable, UsageError
 from ..messages import ChatMessage, decode_message, encode_message
+from ..timespec import parse_duration
 from . import redact_url
 from .base import ConversationStorage, SessionInfo, is_valid_session_id
 
@@ -56,11 +71,17 @@ class RedisStorage(ConversationStorage):
 
     def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX,
                  lock_ttl: float = DEFAULT_LOCK_TTL, location: str | None = None,
-                 owns_client: bool = False) -> None:
-        """Use `client` (not contacted until the first call); `close()` closes it only if `owns_client`."""
+                 owns_client: bool = False, ttl: float | None = None) -> None:
+        """Use `client` (not contacted until the first call); `close()` closes it only if `owns_client`.
+
+        `ttl`: seconds after its last write that a session expires; None keeps it for good.
+        """
         super().__init__()
         if not (lock_ttl > 0 and math.isfinite(lock_ttl)):
             raise ValueError(f"lock_ttl must be a positive number of seconds, not {lock_ttl!r}")
+        if ttl is not None and not (ttl >= 0.001 and math.isfinite(ttl)):
+            raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+        self.ttl = ttl
         self.client = client
         self.prefix = prefix
         self.lock_ttl = float(lock_ttl)
@@ -77,7 +98,7 @@ class RedisStorage(ConversationStorage):
         # Pieces that are not ours stay as written: redis-py decodes them itself.
         for piece in filter(None, query.split("&")):
             name, _, value = piece.partition("=")
-            if name in ("prefix", "lock_ttl"):
+            if name in ("prefix", "lock_ttl", "ttl"):
                 if name in ours:
                     raise InvalidStorageURL(f"{name!r} is given twice in {location!r}")
                 ours[name] = unquote(value)
@@ -92,6 +113,15 @@ class RedisStorage(ConversationStorage):
             if not (lock_ttl > 0 and math.isfinite(lock_ttl)):
                 raise InvalidStorageURL(f"lock_ttl={ours['lock_ttl']!r} in {location!r} is not a positive "
                                         "number of seconds", hint="e.g. lock_ttl=30")
+        ttl = None
+        if "ttl" in ours:
+            try:
+                ttl = parse_duration(ours["ttl"])
+            except UsageError:
+                ttl = math.nan
+            if not (ttl >= 0.001 and math.isfinite(ttl)):
+                raise InvalidStorageURL(f"ttl={ours['ttl']!r} in {location!r} is not a positive duration",
+                                        hint="e.g. ttl=30d, ttl=12h or ttl=3600 (seconds)")
         try:
             client = redis.Redis.from_url(
                 base + ("?" + "&".join(rest) if rest else ""),
@@ -105,7 +135,7 @@ class RedisStorage(ConversationStorage):
             raise InvalidStorageURL(f"bad Redis URL {location!r}: {exc}",
                                     hint="e.g. redis://:PASSWORD@HOST:6379/0?prefix=fusion:") from exc
         return cls(client, prefix=ours.get("prefix", DEFAULT_PREFIX), lock_ttl=lock_ttl,
-                   location=location, owns_client=True)
+                   location=location, owns_client=True, ttl=ttl)
 
     def close(self) -> None:
         if self._owns_client:
@@ -142,13 +172,22 @@ class RedisStorage(ConversationStorage):
         return f"{self.prefix}meta:{session_id}"
 
     def _touch(self, tx: Any, session_id: str) -> None:
-        """Queue the index entry and the times: created once, updated on every write."""
+        """Queue the index entry and the times (created once, updated on every write), and the TTL."""
         # The client's clock, not the server's TIME: a transaction cannot use a
         # reply inside itself, and this keeps every write to one round trip.
         now = time.time()
-        tx.zadd(self._index, {session_id: 0})
-        tx.hsetnx(self._meta_key(session_id), "created", now)
-        tx.hset(self._meta_key(session_id), "updated", now)
+        meta, key = self._meta_key(session_id), self._list_key(session_id)
+        tx.hsetnx(meta, "created", now)
+        tx.hset(meta, "updated", now)
+        if self.ttl is None:
+            tx.zadd(self._index, {session_id: 0})
+            tx.persist(key)
+            tx.persist(meta)
+        else:
+            ms = max(1, round(self.ttl * 1000))
+            tx.zadd(self._index, {session_id: now + ms / 1000})
+            tx.pexpire(key, ms)  # a no-op for an empty history: Redis keeps no empty list
+            tx.pexpire(meta, ms)
 
     # ---- the hooks -----------------------------------------------------------
 
@@ -185,13 +224,23 @@ class RedisStorage(ConversationStorage):
 
     def _exists(self, session_id: str) -> bool:
         with self._errors():
-            return self.client.zscore(self._index, session_id) is not None
+            return _alive(self.client.zscore(self._index, session_id), time.time())
 
     def _list_sessions(self) -> list[str]:
         with self._errors():
-            members = self.client.zrange(self._index, 0, -1)
+            members = self.client.zrange(self._index, 0, -1, withscores=True)
+        now = time.time()
+        if any(not _alive(score, now) for _, score in members):
+            self._forget_expired(now)
         # Something else writing into our prefix must not make every command fail.
-        return [sid for sid in map(_text, members) if is_valid_session_id(sid)]
+        return [sid for sid, score in ((_text(m), s) for m, s in members)
+                if _alive(score, now) and is_valid_session_id(sid)]
+
+    def _forget_expired(self, now: float) -> None:
+        """Drop index entries whose TTL has passed (their keys are gone, or about to go)."""
+        # Only scores in (0, now]: a session written again since has a later score, or 0.
+        with self._errors():
+            self.client.zremrangebyscore(self._index, "(0", now)
 
     def _count(self, session_id: str) -> int:
         with self._errors():
@@ -203,7 +252,7 @@ class RedisStorage(ConversationStorage):
             tx.llen(self._list_key(session_id))
             tx.hmget(self._meta_key(session_id), "created", "updated")
             score, count, (created, updated) = tx.execute()
-        if score is None:
+        if not _alive(score, time.time()):
             return None
         return SessionInfo(session_id, count, _float(created), _float(updated))
 
@@ -220,10 +269,11 @@ class RedisStorage(ConversationStorage):
                 tx.hmget(self._meta_key(sid), "created", "updated")
             replies = tx.execute(raise_on_error=False)
         infos = []
+        now = time.time()
         for n, sid in enumerate(ids):
             score, count, times = replies[3 * n: 3 * n + 3]
-            if score is None:
-                continue  # deleted since the ZRANGE
+            if not _alive(score, now):
+                continue  # deleted or expired since the ZRANGE
             error = next((r for r in (count, times) if isinstance(r, Exception)), None)
             if error is not None:  # e.g. WRONGTYPE: a key we did not write
                 infos.append(SessionInfo(sid, None, error=f"Redis at {self.location}: {_first_line(error)}"))
@@ -308,6 +358,11 @@ def _describe(client: redis.Redis) -> str:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value  # bytes unless decode_responses
+
+
+def _alive(score: float | None, now: float) -> bool:
+    """Whether an index entry with this score (None: no entry) is a live session."""
+    return score is not None and (score == 0 or score > now)
 
 
 def _float(value: bytes | str | None) -> float | None:
