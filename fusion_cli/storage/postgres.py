@@ -108,7 +108,7 @@ class PostgresStorage(ConversationStorage):
             name, _, value = piece.partition("=")
             if name in ("schema", "table_prefix"):
                 if name in ours:
-                    raise InvalidStorageURL(f"{name!r} is given twice in {_redact(url)!r}")
+                    raise InvalidStorageURL(f"{name!r} is given twice in {redact_url(url)!r}")
                 ours[name] = unquote(value)
             else:
                 rest.append(piece)
@@ -117,7 +117,7 @@ class PostgresStorage(ConversationStorage):
             rest.append(f"connect_timeout={CONNECT_TIMEOUT}")
         conninfo = urlunsplit(parts._replace(query="&".join(rest)))
         return cls(conninfo, schema=ours.get("schema", DEFAULT_SCHEMA),
-                   table_prefix=ours.get("table_prefix", DEFAULT_PREFIX), location=_redact(url))
+                   table_prefix=ours.get("table_prefix", DEFAULT_PREFIX), location=redact_url(url))
 
     # ---- connections and errors ----------------------------------------------
 
@@ -367,10 +367,6 @@ def _hint(error: str) -> str:
         return "check the user name and password in the URL (or ~/.pgpass, PGUSER, PGPASSWORD)"
     return "is PostgreSQL running there and accepting connections? check the URL's host and port"
 
-
-def _redact(url: str) -> str:
-    """`redact_url`, and a password given as a query parameter too."""
-    return re.sub(r"([?&]password=)[^&]*", r"\1***", redact_url(url))
 
 
 def _first_line(exc: BaseException) -> str:

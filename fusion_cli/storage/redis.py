@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from contextlib import contextmanager
@@ -91,7 +90,7 @@ class RedisStorage(ConversationStorage):
 
     @classmethod
     def from_url(cls, url: str) -> "RedisStorage":
-        location = _redact(url)
+        location = redact_url(url)
         base, _, query = url.partition("?")
         ours: dict[str, str] = {}
         rest: list[str] = []
@@ -340,10 +339,6 @@ class _LockKeeper:
         self._stopped.set()
         self._thread.join()  # never release while a reacquire is in flight
 
-
-def _redact(url: str) -> str:
-    # redact_url hides user:PASSWORD@; redis-py also takes ?password=... (unix:// URLs).
-    return re.sub(r"([?&]password=)[^&]*", r"\1***", redact_url(url))
 
 
 def _describe(client: redis.Redis) -> str:
