@@ -25,16 +25,21 @@ class Terminated(BaseException):
 class FusionGroup(click.Group):
     """The one place where a FusionError becomes a message and an exit code."""
 
+    ALIASES = {"check": "doctor"}  # accepted, not listed in --help
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return super().get_command(ctx, self.ALIASES.get(name, name))
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except FusionError as exc:
             _fail(ctx, exc, exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("fusion: interrupted; the session was left as it was", err=True)
+        except KeyboardInterrupt as exc:
+            _stopped(exc, "interrupted")
             ctx.exit(130)
-        except Terminated:
-            click.echo("fusion: terminated; the session was left as it was", err=True)
+        except Terminated as exc:
+            _stopped(exc, "terminated")
             ctx.exit(143)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise  # Click's own flow (Exit is a RuntimeError)
@@ -45,14 +50,57 @@ class FusionGroup(click.Group):
             _fail(ctx, wrapped, INTERNAL_ERROR)
 
 
+def _stopped(exc: BaseException, what: str) -> None:
+    """Say that a signal stopped the command; `send` marks it `stored` or with its `unsent` message."""
+    if getattr(exc, "stored", False):
+        click.echo(f"fusion: {what} after the turn was stored", err=True)
+        return
+    click.echo(f"fusion: {what}; the session was left as it was", err=True)
+    unsent = getattr(exc, "unsent", None)
+    if unsent is not None:
+        click.echo(f"{_UNSENT}\n{unsent}", err=True)
+
+
 def _fail(ctx: click.Context, exc: FusionError, code: int) -> NoReturn:
     app = ctx.find_object(App)
+    text = f"fusion: error: {exc}"
     if app is not None and app.verbose > 0:
         import traceback
 
-        traceback.print_exception(exc, file=sys.stderr)
-    click.echo(f"fusion: error: {exc}", err=True)
+        text = "".join(traceback.format_exception(exc)) + text
+    click.echo(_scrub_secrets(text, app), err=True)
     ctx.exit(code)
+
+
+def _scrub_secrets(text: str, app: App | None) -> str:
+    """The last guard, for an error raised anywhere (a bug's, a driver's): no API or encryption
+    key and no storage password in what is printed, even in a -v traceback."""
+    import os
+
+    from .storage import redact_url, url_passwords
+
+    keys = [os.environ.get(v) for v in ("FUSION_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY",
+                                        "FUSION_ENCRYPTION_KEY")]
+    urls = [os.environ.get("FUSION_STORAGE")]
+    if app is not None:
+        urls.append(app.flags.get("storage"))
+        if app._settings is not None:
+            keys.append(app._settings.api_key)
+            urls.append(app._settings.storage)
+    urls = [u for u in set(urls) if u]
+    secrets = {k.strip() for k in keys if k and k.strip()}
+    secrets.update(p for url in urls for p in url_passwords(url))
+    # A redacted URL in the message stays readable when the password is also its user
+    # name (postgres:postgres@): set aside while scrubbing, then put back.
+    shown = [redact_url(u) for u in urls if url_passwords(u)]
+    marks = ["\0" + "\1" * (n + 1) + "\0" for n in range(len(shown))]  # NUL: in no secret
+    for location, mark in zip(shown, marks):
+        text = text.replace(location, mark)
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    for location, mark in zip(shown, marks):
+        text = text.replace(mark, location)
+    return text
 
 
 class App:
@@ -82,9 +130,12 @@ class App:
     @property
     def storage(self):
         if self._storage is None:
-            from .storage import open_storage
+            from .storage.encrypted import open_encrypted
 
-            self._storage = open_storage(self.settings.storage)
+            # Always wrapped: with a key it encrypts; without one it refuses to show ciphertext.
+            store = open_encrypted(self.settings.storage, self.settings.encryption_key_file)
+            self._storage = _bound_waits(store, self.settings.lock_timeout)
+            _prefix_library_warnings()
         return self._storage
 
     def on_wait(self, session_id: str):
@@ -100,6 +151,30 @@ class App:
 
 
 pass_app = click.make_pass_decorator(App)
+
+
+def _bound_waits(store, lock_timeout: float):
+    """`store`, with SQLite's wait for another process's transaction bounded by --lock-timeout too.
+
+    Without this a database held by a stuck process (an open `sqlite3` shell)
+    made every command wait the backend's 30 s, whatever --lock-timeout said.
+    At least 1 s, so that other writers' brief commits never fail a command.
+    """
+    inner = getattr(store, "inner", store)  # under the encryption wrapper
+    if inner.scheme == "sqlite":
+        inner.busy_timeout = min(inner.busy_timeout, max(1.0, lock_timeout))
+    return store
+
+
+def _prefix_library_warnings() -> None:
+    """Give warnings a backend's driver logs (a Redis lock that could not be released)
+    the `fusion:` prefix of every other line on stderr.
+
+    Only once a backend has imported logging: importing it costs `count` 3 ms.
+    """
+    logging = sys.modules.get("logging")
+    if logging is not None and not logging.getLogger().handlers:
+        logging.basicConfig(format="fusion: warning: %(message)s", level=logging.WARNING)
 
 
 def _complete_sessions(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
@@ -270,6 +345,63 @@ def where(app: App) -> None:
 
 
 @cli.command()
+@click.option("--fix", is_flag=True, help="Also remove temporary files of interrupted writes (older than "
+                                          "a minute) and take group/other permissions off the store's "
+                                          "files (0600) and directory (0700).")
+@json_option
+@pass_app
+@click.pass_context
+def doctor(ctx: click.Context, app: App, fix: bool, as_json: bool) -> None:
+    """Check every session in the store: one problem a line on stdout, exit 3 if any (alias: check).
+
+    Reads only, unless --fix; takes no lock. The summary goes to stderr
+    (--json: one object on stdout).
+
+    \b
+    fusion doctor
+    fusion --storage sqlite:fusion.db doctor --json
+    """
+    from .doctor import check_store
+
+    report = check_store(app.storage, fix=fix)
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(report.to_dict()))
+    else:
+        for problem in report.problems:
+            click.echo(str(problem))
+        if app.verbose >= 0:
+            click.echo(f"fusion: {report.summary()}", err=True)
+    if not report.ok:
+        ctx.exit(3)  # a storage problem, as for any command that meets corrupt data
+
+
+@cli.command()
+@click.option("-o", "--output", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Write the key to FILE (created 0600; an existing file is never replaced).")
+@pass_app
+def keygen(app: App, output: str | None) -> None:
+    """Print a new encryption key, for FUSION_ENCRYPTION_KEY (or write it to a key file).
+
+    \b
+    export FUSION_ENCRYPTION_KEY="$(fusion keygen)"
+    fusion keygen -o ~/.config/fusion/key && export FUSION_ENCRYPTION_KEY_FILE=~/.config/fusion/key
+    """
+    from .crypto import key_id, new_key, parse_key, write_key_file
+
+    key = new_key()
+    if output in (None, "-"):
+        click.echo(key)
+    else:
+        output = str(write_key_file(output, key))
+    if app.verbose >= 0:
+        click.echo(f"fusion: new key, id {key_id(parse_key(key, 'the new key'))}"
+                   + (f", written to {output}" if output not in (None, "-") else "")
+                   + "; keep a copy safe: without it, what it encrypts cannot be read", err=True)
+
+
+@cli.command()
 @click.option("--from", "source", required=True, metavar="URL", help="The store to copy from.")
 @click.option("--to", "destination", required=True, metavar="URL", help="The store to copy into.")
 @click.option("-s", "--session", "sessions", multiple=True, metavar="ID",
@@ -278,26 +410,51 @@ def where(app: App) -> None:
               show_default=True, help="What to do with a session that exists at the destination; "
                                       "'fail' checks all before writing anything.")
 @click.option("--dry-run", is_flag=True, help="Say what would be copied; write nothing.")
+@click.option("--encrypt", is_flag=True,
+              help="Write every message's content encrypted with the key [FUSION_ENCRYPTION_KEY]; "
+                   "with --to the same as --from, in place.")
+@click.option("--decrypt", is_flag=True, help="Write every message's content as plain text (needs the key).")
+@click.option("--to-key-file", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Encrypt with the key in FILE instead (re-keying; implies --encrypt).")
 @json_option
 @pass_app
 def migrate(app: App, source: str, destination: str, sessions: tuple[str, ...], on_conflict: str,
-            dry_run: bool, as_json: bool) -> None:
+            dry_run: bool, encrypt: bool, decrypt: bool, to_key_file: str | None, as_json: bool) -> None:
     """Copy sessions between two stores, checking each copy reads back equal.
+
+    Without --encrypt/--decrypt, contents are copied as stored (encrypted
+    ones stay encrypted) and no key is needed.
 
     \b
     fusion migrate --from ~/.local/share/fusion/sessions --to sqlite:fusion.db
     fusion migrate --from sqlite:fusion.db --to redis://localhost:6379/0 --on-conflict skip
+    fusion migrate --encrypt --from sqlite:fusion.db --to sqlite:fusion.db   # in place
     """
+    from .errors import UsageError
     from .migrate import migrate as run_migration
     from .storage import open_storage, validate_session_id
 
     for sid in sessions:
         validate_session_id(sid)
-    src, dst = open_storage(source), open_storage(destination)
+    if decrypt and (encrypt or to_key_file):
+        raise UsageError("give --encrypt (or --to-key-file) or --decrypt, not both")
+    mode = "decrypt" if decrypt else "encrypt" if encrypt or to_key_file else None
+    if mode is not None:
+        from .crypto import Cipher, configured_cipher, read_key_file
+        from .migrate import migrate_encryption
+
+        cipher = configured_cipher(app.settings.encryption_key_file)
+        new_cipher = Cipher(read_key_file(to_key_file)) if to_key_file else None
+    src, dst = (_bound_waits(open_storage(url), app.settings.lock_timeout) for url in (source, destination))
+    _prefix_library_warnings()
     try:
         with _progress(app, src, sessions, dry_run) as advance:
-            report = run_migration(src, dst, sessions or None, on_conflict, dry_run,
-                                   app.settings.lock_timeout, advance)
+            if mode is None:
+                report = run_migration(src, dst, sessions or None, on_conflict, dry_run,
+                                       app.settings.lock_timeout, advance)
+            else:
+                report = migrate_encryption(src, dst, mode, cipher, new_cipher, sessions or None,
+                                            on_conflict, dry_run, app.settings.lock_timeout, advance)
     finally:
         src.close()
         dst.close()
@@ -452,8 +609,12 @@ _MODEL_OPTIONS = (
                  help="Instructions for a new session; the tool protocol is added [env FUSION_SYSTEM]."),
     click.option("--allow", multiple=True, metavar="TOOL", envvar="FUSION_ALLOW",
                  help="Enable write_file, http_get, execute_shell or all (repeatable) [env FUSION_ALLOW]."),
+    click.option("--root", metavar="DIR",
+                 help="The directory read_file, list_directory and write_file may use, symlinks resolved "
+                      "[env FUSION_ROOT; default: the working directory]."),
 )
-_SETTING_FLAGS = ("provider", "base_url", "model", "timeout", "max_iterations", "temperature", "max_history")
+_SETTING_FLAGS = ("provider", "base_url", "model", "timeout", "max_iterations", "temperature", "max_history",
+                  "root")
 _UNSENT = "fusion: your message was not sent; here it is:"
 
 
@@ -473,7 +634,7 @@ def _open_session(app: App, session: str | None, opts: dict[str, Any]):
     sid = app.session_id(session)
     loud = app.verbose > 0
     sess = Session(sid, app.storage, settings.lock_timeout, app.on_wait(sid), settings=settings,
-                   allow=opts["allow"], system_prompt=opts["system"],
+                   allow=opts["allow"], root=settings.root, system_prompt=opts["system"],
                    on_step=_step_printer() if loud else None,
                    on_retry=(lambda note: click.echo(f"fusion: {note}", err=True)) if loud else None,
                    on_trim=(lambda sent, total: click.echo(
@@ -517,7 +678,7 @@ def _read_message(words: tuple[str, ...]) -> str:
 
     if words and words != ("-",):
         return " ".join(words)
-    stream = click.get_binary_stream("stdin")
+    stream = sys.stdin.buffer
     if stream.isatty():
         click.echo("fusion: reading the message from stdin; end it with Ctrl-D", err=True)
     try:
@@ -551,19 +712,30 @@ def send(app: App, session: str | None, message: tuple[str, ...], as_json: bool,
     """
     from .errors import ProviderError, StorageError
 
+    app.session_id(session)  # a bad id is refused before stdin is read, so a piped message is not consumed
     text = _read_message(message)
-    with _open_session(app, session, opts) as sess:
-        try:
-            result = sess.send_message(text)
-        except (ProviderError, StorageError) as exc:
-            _keep_unsent(exc, text)
-            raise
-    if as_json:
-        import orjson
+    sess = None
+    try:
+        with _open_session(app, session, opts) as sess:
+            try:
+                result = sess.send_message(text)
+            except (ProviderError, StorageError) as exc:
+                _keep_unsent(exc, text)
+                raise
+        if as_json:
+            import orjson
 
-        click.echo(orjson.dumps(result.to_dict()))
-    elif result.success:
-        click.echo(result.result)
+            click.echo(orjson.dumps(result.to_dict()))
+        elif result.success:
+            click.echo(result.result)
+    except (KeyboardInterrupt, Terminated) as exc:
+        # Ctrl-C or SIGTERM: the group says whether the turn was stored, and gives back a
+        # message that was not (as for a model or storage error), so it can be sent again.
+        if sess is not None and sess.last_turn_stored:
+            exc.stored = True  # type: ignore[attr-defined]
+        else:
+            exc.unsent = text  # type: ignore[attr-defined]
+        raise
     if not result.success:
         raise FusionError(f"the agent stopped after {len(result.steps)} steps without a final answer; "
                           "the turn was saved", hint="raise --max-iterations or FUSION_MAX_ITERATIONS")

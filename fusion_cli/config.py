@@ -33,6 +33,8 @@ class Settings:
     timeout: float = 60.0
     temperature: float | None = None
     max_history: int | None = None
+    root: str | None = None  # the directory the file tools may use; None: the working directory
+    encryption_key_file: str | None = None  # see crypto.py; the key itself is only ever an env var
 
     def __repr__(self) -> str:  # never show the key, even in a traceback
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -76,6 +78,8 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "timeout": _positive_float,
     "temperature": float,
     "max_history": _positive_int,
+    "root": str,
+    "encryption_key_file": str,
 }
 
 

@@ -10,7 +10,8 @@
     │   ├── MissingDriver                      the backend's package is not installed
     │   ├── CorruptSession                     data that cannot be decoded; never overwritten
     │   ├── LockTimeout                        the session stayed busy past --lock-timeout
-    │   └── MigrationConflict                  a session exists at the destination
+    │   ├── MigrationConflict                  a session exists at the destination
+    │   └── DecryptionError                    encrypted contents that no key, or this key, cannot open
     └── ProviderError                (exit 4)  the model could not be reached or answered badly
 
 The exit code is a class attribute; `cli.py` is the one place that turns an
@@ -71,6 +72,7 @@ class CorruptSession(StorageError):
             hint="it was left untouched; fix or move it away, then retry",
         )
         self.location = location
+        self.reason = reason  # what is wrong there, for `fusion doctor`'s one line a problem
 
 
 class LockTimeout(StorageError):
@@ -79,6 +81,19 @@ class LockTimeout(StorageError):
 
 class MigrationConflict(StorageError):
     pass
+
+
+class DecryptionError(StorageError):
+    """An encrypted session that cannot be read as configured; it is never written to.
+
+    `reason`: ``no-key`` (none is set), ``other-key`` (written with another
+    key) or ``damaged`` (the token was altered). The message never holds ciphertext.
+    """
+
+    def __init__(self, message: str, *, session: str, reason: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.session = session
+        self.reason = reason
 
 
 class ProviderError(FusionError):

@@ -38,14 +38,27 @@ class ChatMessage:
         return cls("assistant", content)
 
 
-def message_from_obj(obj: Any, location: str) -> ChatMessage:
-    """One decoded JSON value to a ChatMessage, or CorruptSession naming `location`."""
+def message_from_obj(obj: Any, location: str, number: int | None = None) -> ChatMessage:
+    """One decoded JSON value to a ChatMessage, or CorruptSession naming `location`
+    (and the message's 1-based `number` in its history, when given)."""
+    if isinstance(obj, dict):
+        role, content = obj.get("role"), obj.get("content")
+        if isinstance(role, str) and isinstance(content, str) and role in ROLES:
+            return ChatMessage(role, content)
+    subject = "a message" if number is None else f"message {number}"
     if not isinstance(obj, dict):
-        raise CorruptSession(location, f"expected a message object, found {type(obj).__name__}")
-    role, content = obj.get("role"), obj.get("content")
-    if not isinstance(role, str) or not isinstance(content, str):
-        raise CorruptSession(location, "a message lacks a string 'role' or 'content'")
-    return ChatMessage(role, content)
+        reason = f"{subject}: expected a message object, found {type(obj).__name__}"
+    elif isinstance(role, str) and isinstance(content, str):
+        reason = f"{subject} has an {unknown_role(role)}"
+    else:
+        reason = f"{subject} lacks a string 'role' or 'content'"
+    raise CorruptSession(location, reason)
+
+
+def unknown_role(role: str) -> str:
+    # A role the model API would refuse (exit 4 on the next send, far from the cause),
+    # so every backend reports it on load as corrupt data, where it is.
+    return f"unknown role {role!r} (expected one of {', '.join(ROLES)})"
 
 
 def decode_history(data: bytes | str, location: str) -> list[ChatMessage]:
@@ -56,7 +69,7 @@ def decode_history(data: bytes | str, location: str) -> list[ChatMessage]:
         raise CorruptSession(location, f"not valid JSON ({exc})") from exc
     if not isinstance(value, list):
         raise CorruptSession(location, f"expected a JSON array, found {type(value).__name__}")
-    return [message_from_obj(item, location) for item in value]
+    return [message_from_obj(item, location, n) for n, item in enumerate(value, 1)]
 
 
 def encode_history(history: Iterable[ChatMessage]) -> bytes:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .errors import EmptyMessage, UsageError
 from .messages import ChatMessage
-from .storage import ConversationStorage, open_storage, validate_session_id
+from .storage import ConversationStorage, validate_session_id
 from .storage.base import DEFAULT_LOCK_TIMEOUT
 
 if TYPE_CHECKING:  # the agent and the model clients load only when a message is sent
@@ -67,8 +67,10 @@ class Session:
         self._client = client
         self._allow, self._root = tuple(allow), root
         self._toolbox: Toolbox | None = None
-        if self._allow:
-            self.toolbox  # check the --allow names now, before any work
+        #: whether the latest send_message stored its turn (a signal's handler asks)
+        self.last_turn_stored = False
+        if self._allow or root is not None:
+            self.toolbox  # check the --allow names and the root now, before any work
 
     @property
     def session_id(self) -> str:
@@ -122,7 +124,9 @@ class Session:
         if self._toolbox is None:
             from .agent import Toolbox
 
-            self._toolbox = Toolbox(self._allow, self._root)
+            # `root` given here, else the `root` setting (--root, FUSION_ROOT), else the working directory
+            root = self._root if self._root is not None else self.settings.root
+            self._toolbox = Toolbox(self._allow, root)
         return self._toolbox
 
     def system_prompt(self) -> str:
@@ -142,8 +146,15 @@ class Session:
         """
         from .agent import run_turn
 
+        self.last_turn_stored = False
         if not isinstance(message, str) or not message.strip():
             raise EmptyMessage("the message is empty", hint="give the message as arguments or on stdin")
+        for text, what in ((message, "the message"), (self.instructions or "", "the system prompt")):
+            try:  # bytes that are not UTF-8 in argv arrive as lone surrogates, which no store can hold
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise UsageError(f"{what} is not valid UTF-8 (at character {exc.start})",
+                                 hint="check the terminal's encoding, or convert it with iconv -t UTF-8") from None
         if max_iterations < 1:
             raise UsageError(f"max_iterations must be 1 or more, not {max_iterations}")
         client = self.client  # before the lock: a configuration error should not wait for it
@@ -154,6 +165,7 @@ class Session:
             result, turn = run_turn(client, self._context(history or prompt), message, self.toolbox,
                                     max_iterations, self.on_step, secret)
             self.storage.append(self._id, prompt + turn)  # the one write of the turn
+            self.last_turn_stored = True
         return result
 
     def _context(self, history: list[ChatMessage]) -> list[ChatMessage]:
@@ -190,5 +202,9 @@ def create_session(session_id: str, storage: ConversationStorage | str,
     """
     validate_session_id(session_id)
     if isinstance(storage, str):
-        storage = open_storage(storage)
+        # Like the CLI: a configured FUSION_ENCRYPTION_KEY applies, so a library
+        # user never reads ciphertext or writes plaintext into an encrypted store.
+        from .storage.encrypted import open_encrypted
+
+        storage = open_encrypted(storage)
     return Session(session_id, storage, **options)

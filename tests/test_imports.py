@@ -46,3 +46,12 @@ def test_storage_commands_import_only_what_they_use(command, kind, tmp_path):
     bad = sorted(m for m in modules
                  if any(m == f or m.startswith(f + ".") for f in FORBIDDEN if f not in allowed_here))
     assert bad == []
+
+
+@pytest.mark.parametrize("kind,driver,other", [("redis", "redis", "psycopg"), ("postgres", "psycopg", "redis")])
+def test_server_backends_load_their_driver_only(kind, driver, other, tmp_path, make_url):
+    modules = loaded_modules(["--storage", make_url(kind), "count", "-s", "nobody"], tmp_path)
+    assert driver in modules  # the probe sees real imports: the driver was needed, so it is there
+    bad = sorted(m for m in modules if any(m == f or m.startswith(f + ".") for f in
+                                           ("httpx", other, "tomllib", "fusion_cli.agent", "fusion_cli.llm")))
+    assert bad == []

@@ -33,11 +33,14 @@ def test_readme_block(index, tmp_path):
            "LANG": os.environ.get("LANG", "C.UTF-8")}
     # Each block runs after the ones before it, as a reader would type them.
     script = "set -eu\n" + "".join(f"{block}\n" for block in BLOCKS[:index]) + ": BLOCK\n" + BLOCKS[index]
+    # The README's Redis prefix, made private to this run so parallel runs cannot collide.
+    prefix = f"fusion-readme-{os.urandom(4).hex()}:"
+    script = script.replace("fusion-readme:", prefix)
     try:
         proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=120)
     finally:
-        if "fusion-readme:" in script:
-            _delete_redis_prefix("fusion-readme:")
+        if prefix in script:
+            _delete_redis_prefix(prefix)
     assert proc.returncode == 0, f"block {index} failed:\n{BLOCKS[index]}\n--- stderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stderr

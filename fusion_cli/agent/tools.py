@@ -20,7 +20,7 @@ from ..errors import UsageError
 TIME_LIMIT = 30.0  # seconds per tool call
 MAX_OBSERVATION = 20_000  # characters of a tool's output the model is shown
 NOTE_ROOM = 200  # room for the note of a tool that truncated its own output
-SECRET_VARIABLES = ("FUSION_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY")
+SECRET_VARIABLES = ("FUSION_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "FUSION_ENCRYPTION_KEY")
 
 
 class ToolError(Exception):
@@ -40,7 +40,12 @@ class ToolContext:
 
     def resolve(self, path: str) -> Path:
         """`path` (relative to the root, or absolute) with symlinks resolved, if it is inside the root."""
-        target = (self.root / path).resolve()
+        if "\0" in path:  # no file name holds one; os calls would raise ValueError
+            raise ToolError(f"{path!r} is not a valid path: it contains a NUL character")
+        try:
+            target = (self.root / path).resolve()
+        except RuntimeError:  # pathlib's report of a symlink loop
+            raise ToolError(f"{path!r} cannot be resolved: it is a loop of symbolic links") from None
         if not target.is_relative_to(self.root):
             raise ToolError(f"{path!r} is outside the directory the tools may use ({self.root})")
         return target
@@ -53,6 +58,30 @@ class Tool:
     schema: dict[str, Any]  # JSON schema of the input object
     run: Callable[[dict[str, Any], ToolContext], str]
     read_only: bool = True  # read-only tools are on by default; the others need --allow
+
+
+def _holds_password(name: str, value: str) -> bool:
+    """A storage URL with a password: the shell's output goes to the model, so it is left out."""
+    if name != "FUSION_STORAGE":
+        return False
+    from ..storage import url_passwords
+
+    return bool(url_passwords(value))
+
+
+def _root_dir(root: str | os.PathLike[str] | None) -> Path:
+    """The tools' root, resolved; UsageError unless it is an existing directory."""
+    if root is None or str(root) == "":
+        return Path(os.getcwd()).resolve()
+    try:
+        path = Path(root).expanduser().resolve()
+        usable = path.is_dir()
+    except (OSError, RuntimeError, ValueError):  # a NUL, a loop, a name too long
+        usable = False
+    if not usable:
+        raise UsageError(f"the tools' root {str(root)!r} is not a directory",
+                         hint="give an existing directory with --root (FUSION_ROOT)")
+    return path
 
 
 def truncate(text: str, limit: int) -> str:
@@ -121,8 +150,8 @@ class Toolbox:
             tools = BUILTIN_TOOLS
         self.tools = {t.name: t for t in tools}
         self.enabled = {t.name for t in tools if t.read_only} | self._allowed(allow)
-        env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
-        self.context = ToolContext(Path(root or os.getcwd()).resolve(), time_limit, max_output, env)
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES and not _holds_password(k, v)}
+        self.context = ToolContext(_root_dir(root), time_limit, max_output, env)
 
     def _allowed(self, allow: Iterable[str]) -> set[str]:
         names = {n.strip() for item in allow for n in item.split(",") if n.strip()}

@@ -64,7 +64,8 @@ class AnthropicClient:
             blocks = orjson.loads(response.content)["content"]
             return "".join(b["text"] for b in blocks if b.get("type") == "text")
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise self.http.bad_response(self.url, "no text in 'content'") from exc
+            raise (self.http.error_in_body(self.url, response)
+                   or self.http.bad_response(self.url, "no text in 'content'")) from exc
 
     def close(self) -> None:
         self.http.close()

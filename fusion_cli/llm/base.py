@@ -36,6 +36,10 @@ def scrub(text: str, secret: str | None) -> str:
 
 def safe_url(url: str) -> str:
     """`url` without user:password and query values, fit for a message."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed '[': a message about a bad URL must not fail too
+        scheme, sep, rest = url.partition("://")
+        return scheme + sep + rest.split("?", 1)[0].rpartition("@")[2]
     host = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit((parts.scheme, host, parts.path, "..." if parts.query else "", ""))

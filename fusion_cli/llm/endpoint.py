@@ -44,7 +44,7 @@ def resolve_endpoint(settings: Settings, env: Mapping[str, str] | None = None) -
     common = {"timeout": settings.timeout, "temperature": settings.temperature}
     if provider == "echo":
         return Endpoint("echo", "echo:", settings.model or "echo", None, **common)
-    key = settings.api_key or env.get(KEY_VARIABLES[provider]) or None
+    key = _usable_key(settings.api_key or env.get(KEY_VARIABLES[provider]) or None)
     if provider == "anthropic":
         base_url, model = settings.base_url or ANTHROPIC_BASE_URL, ANTHROPIC_MODEL
     else:  # with a key OpenAI itself, else a local server (Ollama's address by default)
@@ -55,6 +55,25 @@ def resolve_endpoint(settings: Settings, env: Mapping[str, str] | None = None) -
         raise UsageError(f"invalid base URL {safe_url(base_url)!r}",
                          hint="use http://HOST:PORT/... or https://..., e.g. http://localhost:11434/v1")
     return Endpoint(provider, base_url, settings.model or model, key, **common)
+
+
+def _usable_key(key: str | None) -> str | None:
+    """The key without surrounding whitespace; UsageError if a character could not go in a header.
+
+    httpx would refuse such a header with an error that quotes it, key and all
+    (`Illegal header value b'Bearer sk-...\\n'`), so this never shows the key.
+    A newline or CR around it is the usual slip (a key file, a Windows env file).
+    """
+    if key is None:
+        return None
+    key = key.strip()
+    bad = next((i for i, c in enumerate(key) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise UsageError(f"the API key has a character an HTTP header cannot carry "
+                         f"(character {bad + 1} of {len(key)}; the key is not shown)",
+                         hint="check FUSION_API_KEY, OPENAI_API_KEY or ANTHROPIC_API_KEY "
+                              "(or api_key in the config file)")
+    return key or None
 
 
 def _guess_provider(settings: Settings, env: Mapping[str, str]) -> str:

@@ -19,6 +19,8 @@ from .base import safe_url, scrub
 from .retry import RetryPolicy, parse_retry_after, retryable_status
 
 USER_AGENT = f"fusion/{__version__}"
+# A model's answer is kilobytes; a body past this is a misbehaving server, not an answer.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
 def provider_message(response: httpx.Response, secret: str | None = None) -> str:
@@ -37,10 +39,11 @@ def provider_message(response: httpx.Response, secret: str | None = None) -> str
         message = orjson.dumps(message).decode()
     if not message:
         message = response.text
-    message = " ".join(message.split())
+    # Scrubbed before it is cut: a key across the cut would otherwise keep its first half.
+    message = " ".join(scrub(message, secret).split())
     if len(message) > 500:
         message = message[:500] + "..."
-    return scrub(message, secret) or "(an empty response body)"
+    return message or "(an empty response body)"
 
 
 class Http:
@@ -71,8 +74,8 @@ class Http:
         while True:
             attempts += 1
             try:
-                response = self.client.post(url, content=payload, headers=headers)
-            except httpx.InvalidURL as exc:
+                response = self._post(url, payload, headers)
+            except (httpx.InvalidURL, UnicodeError) as exc:  # UnicodeError: a host name IDNA refuses
                 raise UsageError(f"invalid model URL {safe_url(url)!r}: {exc}",
                                  hint="check --base-url (FUSION_BASE_URL)") from exc
             except httpx.DecodingError as exc:
@@ -95,6 +98,28 @@ class Http:
                 self.on_retry(f"{what}; retrying in {wait:.1f} s "
                               f"(retry {attempts} of {self.policy.max_retries})")
             time.sleep(wait)
+
+    def _post(self, url: str, payload: bytes, headers: Mapping[str, str]) -> httpx.Response:
+        """One POST whose whole body must arrive within `timeout` s and MAX_RESPONSE_BYTES.
+
+        httpx's timeout bounds each read, not the response: a server that sent a
+        byte now and then would otherwise hold fusion (and the session lock) forever.
+        """
+        deadline = time.monotonic() + self.timeout
+        with self.client.stream("POST", url, content=payload, headers=headers) as streamed:
+            if streamed.is_stream_consumed:  # a transport that hands back a response read already
+                streamed.read()
+                return streamed
+            raw = bytearray()
+            for chunk in streamed.iter_raw():
+                raw += chunk
+                if len(raw) > MAX_RESPONSE_BYTES:
+                    raise self.bad_response(url, f"the body is larger than {MAX_RESPONSE_BYTES >> 20} MB")
+                if time.monotonic() > deadline:  # a TimeoutException: retried like any time-out
+                    raise httpx.ReadTimeout("the body did not end in time", request=streamed.request)
+        # A plain response again (decoded here, so a DecodingError is caught by the caller).
+        return httpx.Response(streamed.status_code, headers=streamed.headers, content=bytes(raw),
+                              request=streamed.request)
 
     def _wait(self, attempts: int, retry_after: float | None, start: float) -> float | None:
         """Seconds before the next attempt, or None to give up."""
@@ -138,6 +163,18 @@ class Http:
                                  hint="--base-url must start with http:// or https://")
         return ProviderError(f"the connection to the model at {shown} failed: {reason}{_tries(attempts)}",
                              hint="try again later")
+
+    def error_in_body(self, url: str, response: httpx.Response) -> ProviderError | None:
+        """The error a 2xx body carries instead of an answer (some proxies do this), else None."""
+        try:
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            return None
+        if not (isinstance(body, dict) and (body.get("error") or body.get("type") == "error")):
+            return None
+        return ProviderError(f"the model at {safe_url(url)} answered HTTP {response.status_code} with an error: "
+                             f"{provider_message(response, self.secret)}",
+                             hint="try again later; if it persists, check --model and --base-url")
 
     def bad_response(self, url: str, why: str) -> ProviderError:
         return ProviderError(f"the model at {safe_url(url)} sent a response fusion cannot read: {why}",

@@ -44,9 +44,11 @@ class OpenAIClient:
         try:
             content = orjson.loads(response.content)["choices"][0]["message"]["content"]
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
-            raise self.http.bad_response(self.url, "no choices[0].message.content") from exc
+            raise (self.http.error_in_body(self.url, response)
+                   or self.http.bad_response(self.url, "no choices[0].message.content")) from exc
         if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            # (only string texts: a part with a number for text must not crash the join)
+            content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
         if not isinstance(content, str):
             raise self.http.bad_response(self.url, "the message content is not text")
         return content

@@ -95,3 +95,17 @@ def redact_url(url: str) -> str:
     if q:
         query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", query, flags=re.I)
     return scheme + sep + before_query + q + query
+
+
+def url_passwords(url: str) -> tuple[str, ...]:
+    """The passwords in a URL (``user:PASSWORD@``, ``password=``) or a libpq key=value string,
+    as written and percent-decoded, longest first: what to scrub from a driver's message."""
+    found = set(re.findall(r"(?:^|[?&\s])password\s*=\s*'?([^&\s']+)", url, flags=re.I))
+    if "://" in url:  # the credentials end at the last '@' before the query, as redact_url reads them
+        credentials, at, _ = url.partition("://")[2].partition("?")[0].rpartition("@")
+        if at and ":" in credentials:
+            found.add(credentials.split(":", 1)[1])
+    from urllib.parse import unquote
+
+    found |= {unquote(p) for p in found}
+    return tuple(sorted(found - {""}, key=len, reverse=True))

@@ -4,9 +4,10 @@ A backend subclasses `ConversationStorage` and implements the underscored
 hooks (`_save`, `_load`, `_delete`, `_exists`, `_list_sessions`,
 `_try_lock`, `_unlock`). The public methods validate the session id before
 any hook runs, so no backend can touch a file or a server with a bad id.
-Batch and counting hooks (`_append`, `_count`, `_info`, `_list_info`) have
-generic defaults built on the others; a backend overrides them when it can
-do better (an INSERT, an RPUSH, a COUNT).
+Batch and counting hooks (`_append`, `_count`, `_info`, `_list_info`,
+`_save_many`, `_load_many`) have generic defaults built on the others; a
+backend overrides them when it can do better (an INSERT, an RPUSH, a COUNT,
+one transaction for many sessions).
 
 Every write is atomic: a reader sees the old history or the new one, never
 a mix. Reads take no lock. `lock()` is for a caller's read-modify-write
@@ -139,6 +140,18 @@ class ConversationStorage(ABC):
         """Add messages at the end, atomically (all of them or none), creating the session."""
         self._append(validate_session_id(session_id), list(messages))
 
+    def save_many(self, items: Iterable[tuple[str, Iterable[ChatMessage]]]) -> None:
+        """`save` of each (id, history): each session atomically, and the whole batch in one
+        transaction where the backend has them (SQLite, Redis), which is what makes
+        `migrate` fast. Every id is checked before anything is written; an id given
+        twice gets its last history, as two `save`s would leave it."""
+        batch = {validate_session_id(sid): list(history) for sid, history in items}
+        self._save_many(list(batch.items()))
+
+    def load_many(self, session_ids: Iterable[str]) -> list[list[ChatMessage]]:
+        """`load` of each id, in order, in as few round trips as the backend allows."""
+        return self._load_many([validate_session_id(sid) for sid in session_ids])
+
     def count(self, session_id: str) -> int:
         """The number of messages; 0 for a session that does not exist."""
         return self._count(validate_session_id(session_id))
@@ -230,6 +243,13 @@ class ConversationStorage(ABC):
 
     def _count(self, session_id: str) -> int:
         return len(self._load(session_id))
+
+    def _save_many(self, items: list[tuple[str, list[ChatMessage]]]) -> None:
+        for session_id, history in items:
+            self._save(session_id, history)
+
+    def _load_many(self, session_ids: list[str]) -> list[list[ChatMessage]]:
+        return [self._load(session_id) for session_id in session_ids]
 
     def _info(self, session_id: str) -> SessionInfo | None:
         if not self._exists(session_id):

@@ -50,7 +50,7 @@ class FileStorage(ConversationStorage):
 
     def _ensure_dir(self) -> None:
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_private_dirs(self.directory)
         except OSError as exc:
             raise _io_error(f"cannot create the session directory {self.directory}", exc) from exc
         if not self.directory.is_dir():
@@ -59,7 +59,14 @@ class FileStorage(ConversationStorage):
     def _save(self, session_id: str, history: list[ChatMessage]) -> None:
         self._write_atomic(self.path(session_id), encode_history(history))
 
-    def _write_atomic(self, target: Path, data: bytes) -> None:
+    def _save_many(self, items: list[tuple[str, list[ChatMessage]]]) -> None:
+        # Each file as `_save` writes it, but the directory fsynced once for the batch (its
+        # renames are durable from then on) rather than once per file: half the fsyncs.
+        for session_id, history in items:
+            self._write_atomic(self.path(session_id), encode_history(history), sync_dir=False)
+        _fsync_dir(self.directory)
+
+    def _write_atomic(self, target: Path, data: bytes, sync_dir: bool = True) -> None:
         self._ensure_dir()
         tmp = None
         try:
@@ -74,7 +81,8 @@ class FileStorage(ConversationStorage):
                 os.fsync(f.fileno())
             os.replace(tmp, target)
             tmp = None
-            _fsync_dir(self.directory)
+            if sync_dir:
+                _fsync_dir(self.directory)
         except OSError as exc:
             raise _io_error(f"cannot write {target}", exc) from exc
         finally:
@@ -150,6 +158,21 @@ class FileStorage(ConversationStorage):
 
     def _unlock(self, session_id: str, handle: Any) -> None:
         os.close(handle)  # closing the descriptor releases the flock
+
+
+def _make_private_dirs(directory: Path) -> None:
+    """mkdir -p where every directory created is 0700: mkdir(parents=True) would give the
+    parents the umask's mode (0777 under umask 0), and a writable parent lets anyone
+    swap the session directory for their own."""
+    if directory.is_dir():
+        return
+    if directory.parent != directory:
+        _make_private_dirs(directory.parent)
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        if not directory.is_dir():  # a file in the way: say so, as mkdir -p does
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory)) from None
 
 
 # The seed's format has no room for times, and every write renames a new file into

@@ -51,7 +51,7 @@ from redis import exceptions as rx
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..errors import InvalidStorageURL, StorageError, StorageUnavailable, UsageError
+from ..errors import CorruptSession, InvalidStorageURL, StorageError, StorageUnavailable, UsageError
 from ..messages import ChatMessage, decode_message, encode_message
 from ..timespec import parse_duration
 from . import redact_url
@@ -121,6 +121,7 @@ class RedisStorage(ConversationStorage):
             if not (ttl >= 0.001 and math.isfinite(ttl)):
                 raise InvalidStorageURL(f"ttl={ours['ttl']!r} in {location!r} is not a positive duration",
                                         hint="e.g. ttl=30d, ttl=12h or ttl=3600 (seconds)")
+        _check_path(base, location)
         try:
             client = redis.Redis.from_url(
                 base + ("?" + "&".join(rest) if rest else ""),
@@ -208,9 +209,36 @@ class RedisStorage(ConversationStorage):
             self._touch(tx, session_id)
             tx.execute()
 
+    def _save_many(self, items: list[tuple[str, list[ChatMessage]]]) -> None:
+        # One MULTI/EXEC for the batch: one round trip instead of one per session.
+        with self._errors(), self.client.pipeline(transaction=True) as tx:
+            for session_id, history in items:
+                key = self._list_key(session_id)
+                tx.delete(key)
+                if history:
+                    tx.rpush(key, *(encode_message(m) for m in history))
+                self._touch(tx, session_id)
+            tx.execute()
+
+    def _load_many(self, session_ids: list[str]) -> list[list[ChatMessage]]:
+        # One round trip for the batch; a transaction, so every history is from one instant.
+        keys = [self._list_key(session_id) for session_id in session_ids]
+        with self._errors(), self.client.pipeline(transaction=True) as tx:
+            for key in keys:
+                tx.lrange(key, 0, -1)
+            replies = tx.execute(raise_on_error=False)
+        histories = []
+        for key, items in zip(keys, replies):
+            if isinstance(items, Exception):  # e.g. WRONGTYPE: what `_load` of this key would say
+                with self._errors(), self._expecting(key, "a list"):
+                    raise items
+            histories.append([decode_message(item, f"{self.location} key {key} index {i}")
+                              for i, item in enumerate(items)])
+        return histories
+
     def _load(self, session_id: str) -> list[ChatMessage]:
         key = self._list_key(session_id)
-        with self._errors():
+        with self._errors(), self._expecting(key, "a list"):
             items = self.client.lrange(key, 0, -1)
         return [decode_message(item, f"{self.location} key {key} index {i}") for i, item in enumerate(items)]
 
@@ -226,7 +254,7 @@ class RedisStorage(ConversationStorage):
             return _alive(self.client.zscore(self._index, session_id), time.time())
 
     def _list_sessions(self) -> list[str]:
-        with self._errors():
+        with self._errors(), self._expecting(self._index, "a sorted set"):
             members = self.client.zrange(self._index, 0, -1, withscores=True)
         now = time.time()
         if any(not _alive(score, now) for _, score in members):
@@ -242,8 +270,20 @@ class RedisStorage(ConversationStorage):
             self.client.zremrangebyscore(self._index, "(0", now)
 
     def _count(self, session_id: str) -> int:
-        with self._errors():
-            return self.client.llen(self._list_key(session_id))
+        key = self._list_key(session_id)
+        with self._errors(), self._expecting(key, "a list"):
+            return self.client.llen(key)
+
+    @contextmanager
+    def _expecting(self, key: str, kind: str) -> Iterator[None]:
+        """Around a read of `key`: one of another type (something else wrote a string or a
+        hash there) is corrupt data, named by its key, rather than a bare Redis error."""
+        try:
+            yield
+        except rx.ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            raise CorruptSession(f"{self.location} key {key}", f"not {kind} (WRONGTYPE)") from exc
 
     def _info(self, session_id: str) -> SessionInfo | None:
         with self._errors(), self.client.pipeline(transaction=True) as tx:
@@ -339,6 +379,21 @@ class _LockKeeper:
         self._stopped.set()
         self._thread.join()  # never release while a reacquire is in flight
 
+
+
+def _check_path(base: str, location: str) -> None:
+    """Refuse what redis-py would silently misread: `/notadb` (db 0), `/1/2` (db 12), `unix://` alone."""
+    scheme, _, rest = base.partition("://")
+    path = rest[rest.find("/"):] if "/" in rest else ""
+    if scheme.lower() == "unix":
+        if not path:
+            raise InvalidStorageURL(f"storage URL {location!r} names no socket",
+                                    hint="use unix:///path/to/redis.sock?db=0")
+    elif path.strip("/") and not set(path.strip("/")) <= set("0123456789"):
+        # The path is not echoed: with an unencoded '/' in a password it holds part of it.
+        raise InvalidStorageURL(f"bad Redis URL {location!r}: the path must be a database number",
+                                hint="e.g. redis://HOST:6379/0, or none for database 0; "
+                                     "percent-encode a '/' in the password as %2F")
 
 
 def _describe(client: redis.Redis) -> str:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..errors import CorruptSession, InvalidStorageURL, StorageError, StorageUnavailable
-from ..messages import ChatMessage
+from ..messages import ROLES, ChatMessage, unknown_role
 from .base import ConversationStorage, SessionInfo
 
 if TYPE_CHECKING:
@@ -84,6 +84,9 @@ _INFO = ("SELECT s.id, count(m.id), s.created, s.updated "
 # Primary result codes (the low byte of sqlite_errorcode).
 _PERM, _BUSY, _LOCKED, _READONLY, _IOERR = 3, 5, 6, 8, 10
 _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 11, 13, 14, 26
+# An extended code: a write() failed. SQLite says FULL only for ENOSPC; a file-size
+# limit (EFBIG, `ulimit -f`) or a quota arrives as this, "disk I/O error".
+_IOERR_WRITE = _IOERR | (3 << 8)
 
 
 class SqliteStorage(ConversationStorage):
@@ -152,6 +155,10 @@ class SqliteStorage(ConversationStorage):
         if code == _FULL:
             return StorageUnavailable(f"cannot write {where}: {exc}",
                                       hint="free some disk space; the previous history is intact")
+        if getattr(exc, "sqlite_errorcode", None) == _IOERR_WRITE:
+            return StorageUnavailable(f"cannot write {where}: {exc}",
+                                      hint="is the disk full, or the file over a size limit (ulimit -f)? "
+                                           "The previous history is intact")
         if code in (_PERM, _READONLY, _CANTOPEN, _IOERR):
             return StorageUnavailable(
                 f"cannot use {where}: {exc}",
@@ -301,6 +308,16 @@ class SqliteStorage(ConversationStorage):
             conn.execute(_TOUCH, (session_id, time.time()))
             conn.executemany(_INSERT, [(session_id, m.role, m.content) for m in messages])
 
+    def _save_many(self, items: list[tuple[str, list[ChatMessage]]]) -> None:
+        # One transaction, so one fsync for the whole batch rather than one per session.
+        now = time.time()
+        with self._writing() as conn:
+            conn.executemany(_TOUCH, [(sid, now) for sid, _ in items])
+            conn.executemany("DELETE FROM messages WHERE session_id = ?",
+                             [(sid,) for sid, _ in items])
+            conn.executemany(_INSERT, [(sid, m.role, m.content)
+                                       for sid, history in items for m in history])
+
     def _load(self, session_id: str) -> list[ChatMessage]:
         with self._reading() as conn:
             rows = [] if conn is None else conn.execute(_LOAD, (session_id,)).fetchall()
@@ -309,7 +326,10 @@ class SqliteStorage(ConversationStorage):
             try:
                 if not is_text:
                     raise ValueError("its role or content is not text")
-                history.append(ChatMessage(role.decode(encoding), content.decode(encoding)))
+                message = ChatMessage(role.decode(encoding), content.decode(encoding))
+                if message.role not in ROLES:  # see messages.unknown_role
+                    raise ValueError(unknown_role(message.role))
+                history.append(message)
             except ValueError as exc:  # UnicodeDecodeError included
                 reason = f"session {session_id!r}, messages row {row_id}: {exc}"
                 raise CorruptSession(self.location, reason) from exc

@@ -379,7 +379,7 @@ def test_concurrent_appends_without_a_lock_never_collide(store):
 
 
 @pytest.mark.postgres
-def test_the_lock_is_a_session_advisory_lock_on_its_own_connection(store, admin):
+def test_the_lock_is_a_session_advisory_lock_on_the_one_connection(store, admin):
     # A bigint key shows in pg_locks as its two halves, objsubid 1.
     key = store.lock_key("s")
     holders = ("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
@@ -389,7 +389,7 @@ def test_the_lock_is_a_session_advisory_lock_on_its_own_connection(store, admin)
     store.save("s", [U("a")])
     with store.lock("s", timeout=1):
         [(pid,)] = admin.execute(holders, halves).fetchall()
-        assert pid == store._lock_conn.info.backend_pid != store._conn.info.backend_pid
+        assert pid == store._conn.info.backend_pid  # one server slot per fusion process
     assert admin.execute(holders, halves).fetchall() == []
 
 
@@ -412,12 +412,34 @@ def test_a_dead_holders_lock_is_released(store, admin):
             with other.lock("s", timeout=0.2):
                 pass
         # The holder's connection dies (a crashed host, a killed backend): the server frees it.
-        admin.execute("SELECT pg_terminate_backend(%s)", (store._lock_conn.info.backend_pid,))
+        admin.execute("SELECT pg_terminate_backend(%s)", (store._conn.info.backend_pid,))
         with other.lock("s", timeout=10):
             other.append("s", [U("taken over")])
         holding.__exit__(None, None, None)  # the old holder finishing raises nothing
         with store.lock("s", timeout=1):  # and it can lock again, on a new connection
             pass
+    finally:
+        other.close()
+
+
+@pytest.mark.postgres
+def test_writes_stop_when_the_connection_holding_the_lock_dies(store, admin):
+    store.save("s", [U("a")])
+    other = open_storage(store.url)
+    try:
+        with store.lock("s", timeout=1):
+            admin.execute("SELECT pg_terminate_backend(%s)", (store._conn.info.backend_pid,))
+            with other.lock("s", timeout=10):  # the server freed the lock: someone else may take it
+                pass
+            with pytest.raises(StorageUnavailable):  # the write that finds the dead connection
+                store.append("s", [U("b")])
+            # ...and every later one under this lock, rather than writing unlocked on a new connection
+            with pytest.raises(StorageUnavailable, match="while holding the lock of session 's'"):
+                store.append("s", [U("c")])
+        assert store.load("s") == [U("a")]
+        with store.lock("s", timeout=1):  # once the block is left, the store works again
+            store.append("s", [U("d")])
+        assert store.load("s") == [U("a"), U("d")]
     finally:
         other.close()
 
