@@ -172,7 +172,8 @@ def _copy_batch(source: ConversationStorage, destination: ConversationStorage,
         with contextlib.ExitStack() as held:
             for sid in sids:  # timeout 0: a busy session sends the batch the one-by-one way
                 held.enter_context(destination.lock(sid, timeout=0))
-            destination.save_many(zip(sids, histories))
+            times = {sid: t for sid in sids if (t := source.times(sid)) is not None}
+            destination.save_many(zip(sids, histories), times)  # a copy keeps its times
             copies = destination.load_many(sids)
         if copies != histories:  # through an EncryptedStorage, plaintexts are compared
             return None
@@ -190,8 +191,11 @@ def _copy_one(source: ConversationStorage, destination: ConversationStorage,
     history = source.load(sid)
     if dry_run:
         return len(history)
+    times = source.times(sid)
     with destination.lock(sid, timeout=lock_timeout):
         destination.save(sid, history)
+        if times is not None:
+            destination.set_times(sid, *times)  # a copy keeps its times
         copy = destination.load(sid)
     if copy != history:  # through an EncryptedStorage, plaintexts are compared
         raise StorageError(f"verification failed: the copy of {sid!r} in {destination.location} differs")

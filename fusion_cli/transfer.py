@@ -27,7 +27,7 @@ checked, then ignored).
 from __future__ import annotations
 
 import os
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Callable, Iterable
 
@@ -126,11 +126,15 @@ def write_export(store: ConversationStorage, path: str | os.PathLike[str],
 
 # ---- import ------------------------------------------------------------------
 
-def parse_export(data: bytes, source: str = "the input") -> list[tuple[str, list[ChatMessage]]]:
+def parse_export(data: bytes, source: str = "the input",
+                 times: dict[str, tuple[float | None, float | None]] | None = None,
+                 ) -> list[tuple[str, list[ChatMessage]]]:
     """Every session of an export (json or jsonl), validated; UsageError naming the first fault.
 
-    `source` names the input in messages (a path, or "stdin").
+    `source` names the input in messages (a path, or "stdin"). Given a dict
+    `times`, it is filled with each session's (created, updated) in Unix seconds.
     """
+    times = {} if times is None else times
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -144,16 +148,16 @@ def parse_export(data: bytes, source: str = "the input") -> list[tuple[str, list
     except orjson.JSONDecodeError:
         head = None  # not one object a line: the json layout, spread over lines
     if isinstance(head, dict) and "format" not in head:
-        return _parse_jsonl(lines, source)
+        return _parse_jsonl(lines, source, times)
     try:
         whole = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise UsageError(f"{source}: line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg})",
                          hint="expected a fusion export (fusion export --format json or jsonl)") from None
-    return _parse_container(whole, source)
+    return _parse_container(whole, source, times)
 
 
-def _parse_jsonl(lines: list[str], source: str) -> list[tuple[str, list[ChatMessage]]]:
+def _parse_jsonl(lines: list[str], source: str, times: dict) -> list[tuple[str, list[ChatMessage]]]:
     sessions: list[tuple[str, list[ChatMessage]]] = []
     seen: dict[str, str] = {}
     for n, line in enumerate(lines, 1):
@@ -164,11 +168,11 @@ def _parse_jsonl(lines: list[str], source: str) -> list[tuple[str, list[ChatMess
             obj = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
             raise UsageError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        sessions.append(_session(obj, where, seen))
+        sessions.append(_session(obj, where, seen, times))
     return sessions
 
 
-def _parse_container(whole: object, source: str) -> list[tuple[str, list[ChatMessage]]]:
+def _parse_container(whole: object, source: str, times: dict) -> list[tuple[str, list[ChatMessage]]]:
     if not isinstance(whole, dict) or whole.get("format") != FORMAT:
         raise UsageError(f"{source} is not a fusion export: expected an object with \"format\": \"{FORMAT}\"",
                          hint="or one session object a line (--format jsonl)")
@@ -182,10 +186,10 @@ def _parse_container(whole: object, source: str) -> list[tuple[str, list[ChatMes
     if not isinstance(items, list):
         raise UsageError(f"{source}: \"sessions\" must be an array")
     seen: dict[str, str] = {}
-    return [_session(obj, f"{source}: session {n}", seen) for n, obj in enumerate(items, 1)]
+    return [_session(obj, f"{source}: session {n}", seen, times) for n, obj in enumerate(items, 1)]
 
 
-def _session(obj: object, where: str, seen: dict[str, str]) -> tuple[str, list[ChatMessage]]:
+def _session(obj: object, where: str, seen: dict[str, str], times: dict) -> tuple[str, list[ChatMessage]]:
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: expected a session object, found {_kind(obj)}")
     sid = obj.get("id")
@@ -205,6 +209,7 @@ def _session(obj: object, where: str, seen: dict[str, str]) -> tuple[str, list[C
         value = obj.get(name)
         if value is not None and not _is_iso(value):
             raise UsageError(f"{where}: {name!r} must be an ISO 8601 time or null, not {value!r}")
+    times[sid] = (_timestamp(obj.get("created")), _timestamp(obj.get("updated")))
     raw = obj.get("messages")
     if not isinstance(raw, list):
         raise UsageError(f"{where}: 'messages' must be an array, found {_kind(raw)}")
@@ -220,6 +225,15 @@ def _session(obj: object, where: str, seen: dict[str, str]) -> tuple[str, list[C
             raise UsageError(f"{where}: message {k}: 'content' must be a string, found {_kind(content)}")
         messages.append(ChatMessage(role, content))
     return sid, messages
+
+
+def _timestamp(value: str | None) -> float | None:
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)  # exports write UTC; a bare time is taken as UTC
+    return moment.timestamp()
 
 
 def _is_iso(value: object) -> bool:
@@ -250,8 +264,11 @@ def import_sessions(data: bytes | list[tuple[str, list[ChatMessage]]], store: Co
     """
     from .storage.memory import MemoryStorage
 
-    sessions = parse_export(data, source) if isinstance(data, (bytes, bytearray)) else data
+    times: dict[str, tuple[float | None, float | None]] = {}
+    sessions = parse_export(data, source, times) if isinstance(data, (bytes, bytearray)) else data
     staged = MemoryStorage()
     for sid, history in sessions:
         staged.save(sid, history)
+        if sid in times:  # the export's times, which migrate carries to the copy
+            staged.set_times(sid, *times[sid])
     return migrate(staged, store, None, on_conflict, dry_run, lock_timeout, progress, action="import")

@@ -136,6 +136,67 @@ def test_a_recreated_session_starts_afresh(store):
 
 # ---- select_sessions ------------------------------------------------------------
 
+def close(a: float | None, b: float | None) -> bool:
+    # PostgreSQL keeps microseconds and a file's mtime nanoseconds: equal to a millisecond.
+    return a is not None and b is not None and abs(a - b) < 1e-3
+
+
+OLD_CREATED, OLD_UPDATED = 1_600_000_000.25, 1_650_000_000.5  # 2020 and 2022
+
+
+def test_set_times_and_times_on_every_backend(store):
+    store.save("s", [U("a"), A("b")])
+    store.set_times("s", OLD_CREATED, OLD_UPDATED)
+    info = store.info("s")
+    assert close(info.created, OLD_CREATED) and close(info.updated, OLD_UPDATED)
+    assert info.messages == 2 and store.load("s") == [U("a"), A("b")]
+    assert store.times("s") == (info.created, info.updated)
+    store.set_times("s", None, OLD_CREATED)  # None keeps a time
+    assert close(store.times("s")[0], OLD_CREATED) and close(store.times("s")[1], OLD_CREATED)
+    store.set_times("absent", OLD_CREATED, OLD_UPDATED)  # creates nothing
+    assert not store.exists("absent") and store.times("absent") is None
+    time.sleep(PAUSE)
+    store.append("s", [U("c")])  # a later write moves updated to now and keeps created
+    created, updated = store.times("s")
+    assert close(created, OLD_CREATED) and updated > OLD_UPDATED + 1e6
+
+
+def test_save_many_sets_the_times_it_is_given(store):
+    store.save_many([("a", [U("1")]), ("b", [U("2")])], {"a": (OLD_CREATED, OLD_UPDATED)})
+    assert all(map(close, store.times("a"), (OLD_CREATED, OLD_UPDATED)))
+    assert store.times("b")[1] > OLD_UPDATED + 1e6  # no times given: now
+
+
+@pytest.mark.parametrize("src_kind", PERSISTENT)
+@pytest.mark.parametrize("dst_kind", PERSISTENT)
+def test_migrate_keeps_created_and_updated(src_kind, dst_kind, make_url):
+    src, dst = open_storage(make_url(src_kind)), open_storage(make_url(dst_kind))
+    for n, sid in enumerate(("old", "older")):
+        src.save(sid, [U(sid)])
+        src.set_times(sid, OLD_CREATED - n, OLD_UPDATED - n)
+    result = run("migrate", "--from", src.url, "--to", dst.url)
+    assert result.exit_code == 0, result.output
+    for sid in ("old", "older"):
+        assert all(map(close, dst.times(sid), src.times(sid))), (sid, dst.times(sid), src.times(sid))
+    # so `prune` and `list --sort updated` still see the sessions' real age after a move
+    assert [i.id for i in select_sessions(dst.list_info(), sort="updated")] == ["older", "old"]
+    src.close()
+    dst.close()
+
+
+def test_an_export_round_trips_through_import_with_its_times(tmp_path):
+    src, dst = f"sqlite:{tmp_path / 'a.db'}", f"file:{tmp_path / 'b'}"
+    store = open_storage(src)
+    store.save("s", [U("hi"), A("hello")])
+    store.set_times("s", OLD_CREATED, OLD_UPDATED)
+    exported = run("--storage", src, "export", "-s", "s")
+    assert exported.exit_code == 0, exported.output
+    assert run("--storage", dst, "import", "-", input=exported.stdout).exit_code == 0
+    again = run("--storage", dst, "export", "-s", "s")
+    assert again.stdout == exported.stdout  # exactly: messages and times
+    assert orjson.loads(again.stdout)["sessions"][0]["created"] == "2020-09-13T12:26:40Z"
+
+
 def test_select_filters_by_updated_and_sorts():
     infos = [SessionInfo("b", 1, 10.0, 40.0), SessionInfo("a", 2, 30.0, 30.0),
              SessionInfo("c", 3, 20.0, 20.0), SessionInfo("bad", None, error="corrupt")]

@@ -23,7 +23,7 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
 from ..errors import InvalidSessionId, LockTimeout, StorageError
 from ..messages import ChatMessage
@@ -34,6 +34,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _RESERVED_RE = re.compile(r"(?:CON|PRN|AUX|NUL|COM[1-9]|LPT[1-9])(?:\..*)?", re.IGNORECASE | re.DOTALL)
 
 DEFAULT_LOCK_TIMEOUT = 120.0
+Times = tuple[float | None, float | None]  # (created, updated), Unix seconds
 
 
 def validate_session_id(session_id: Any) -> str:
@@ -140,13 +141,28 @@ class ConversationStorage(ABC):
         """Add messages at the end, atomically (all of them or none), creating the session."""
         self._append(validate_session_id(session_id), list(messages))
 
-    def save_many(self, items: Iterable[tuple[str, Iterable[ChatMessage]]]) -> None:
+    def save_many(self, items: Iterable[tuple[str, Iterable[ChatMessage]]],
+                  times: Mapping[str, Times] | None = None) -> None:
         """`save` of each (id, history): each session atomically, and the whole batch in one
         transaction where the backend has them (SQLite, Redis), which is what makes
         `migrate` fast. Every id is checked before anything is written; an id given
-        twice gets its last history, as two `save`s would leave it."""
+        twice gets its last history, as two `save`s would leave it.
+
+        `times` (id -> (created, updated)) sets those sessions' times as `set_times`
+        does, so that a copy keeps the times of its original."""
         batch = {validate_session_id(sid): list(history) for sid, history in items}
-        self._save_many(list(batch.items()))
+        self._save_many(list(batch.items()), dict(times or {}))
+
+    def set_times(self, session_id: str, created: float | None, updated: float | None) -> None:
+        """Set an existing session's created/updated times (Unix seconds; None keeps one).
+
+        For copies (`migrate`, `import`); every other write moves `updated` to now.
+        """
+        self._set_times(validate_session_id(session_id), created, updated)
+
+    def times(self, session_id: str) -> Times | None:
+        """(created, updated) of a session, None if it does not exist; cheaper than `info`."""
+        return self._get_times(validate_session_id(session_id))
 
     def load_many(self, session_ids: Iterable[str]) -> list[list[ChatMessage]]:
         """`load` of each id, in order, in as few round trips as the backend allows."""
@@ -244,9 +260,18 @@ class ConversationStorage(ABC):
     def _count(self, session_id: str) -> int:
         return len(self._load(session_id))
 
-    def _save_many(self, items: list[tuple[str, list[ChatMessage]]]) -> None:
+    def _save_many(self, items: list[tuple[str, list[ChatMessage]]], times: dict[str, Times]) -> None:
         for session_id, history in items:
             self._save(session_id, history)
+            if session_id in times:
+                self._set_times(session_id, *times[session_id])
+
+    def _set_times(self, session_id: str, created: float | None, updated: float | None) -> None:
+        """A backend that keeps no times keeps none here either."""
+
+    def _get_times(self, session_id: str) -> Times | None:
+        info = self._info(session_id)
+        return None if info is None else (info.created, info.updated)
 
     def _load_many(self, session_ids: list[str]) -> list[list[ChatMessage]]:
         return [self._load(session_id) for session_id in session_ids]

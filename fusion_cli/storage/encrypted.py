@@ -122,6 +122,12 @@ class EncryptedStorage(ConversationStorage):
         self.inner.save(session_id, self.encode(history))
         self._read_ok.add(session_id)  # it now holds what this key wrote
 
+    def _set_times(self, session_id: str, created: float | None, updated: float | None) -> None:
+        self.inner.set_times(session_id, created, updated)
+
+    def _get_times(self, session_id: str):
+        return self.inner.times(session_id)
+
     def _load(self, session_id: str) -> list[ChatMessage]:
         plain = self.decode(session_id, self.inner.load(session_id))
         self._read_ok.add(session_id)

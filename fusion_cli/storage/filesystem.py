@@ -59,12 +59,41 @@ class FileStorage(ConversationStorage):
     def _save(self, session_id: str, history: list[ChatMessage]) -> None:
         self._write_atomic(self.path(session_id), encode_history(history))
 
-    def _save_many(self, items: list[tuple[str, list[ChatMessage]]]) -> None:
+    def _save_many(self, items: list[tuple[str, list[ChatMessage]]], times: dict) -> None:
         # Each file as `_save` writes it, but the directory fsynced once for the batch (its
         # renames are durable from then on) rather than once per file: half the fsyncs.
         for session_id, history in items:
             self._write_atomic(self.path(session_id), encode_history(history), sync_dir=False)
+            if session_id in times:
+                self._set_times(session_id, *times[session_id])
         _fsync_dir(self.directory)
+
+    def _set_times(self, session_id: str, created: float | None, updated: float | None) -> None:
+        # updated is the file's mtime; created rides in the xattr every write carries on.
+        path = self.path(session_id)
+        try:
+            if created is not None and _HAS_XATTR:
+                try:
+                    os.setxattr(path, CREATED_XATTR, repr(created).encode())
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                        raise
+            if updated is not None:
+                os.utime(path, (updated, updated))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _io_error(f"cannot set the times of {path}", exc) from exc
+
+    def _get_times(self, session_id: str):
+        path = self.path(session_id)  # a stat, not a parse: migrate asks this of every session
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _io_error(f"cannot read {path}", exc) from exc
+        return _birth_time(st, path), st.st_mtime
 
     def _write_atomic(self, target: Path, data: bytes, sync_dir: bool = True) -> None:
         self._ensure_dir()

@@ -36,6 +36,13 @@ class MemoryStorage(ConversationStorage):
             self._data[session_id] = list(history)
             self._touch(session_id)
 
+    def _set_times(self, session_id: str, created: float | None, updated: float | None) -> None:
+        with self._mutex:
+            if session_id in self._times:
+                old = self._times[session_id]
+                self._times[session_id] = (old[0] if created is None else created,
+                                           old[1] if updated is None else updated)
+
     def _load(self, session_id: str) -> list[ChatMessage]:
         with self._mutex:
             return list(self._data.get(session_id, ()))

@@ -263,6 +263,12 @@ class PostgresStorage(ConversationStorage):
             if messages:
                 self._insert(conn, session_id, messages, start=None)
 
+    def _set_times(self, session_id: str, created: float | None, updated: float | None) -> None:
+        with self._tx() as conn:
+            conn.execute(self._q("UPDATE {sessions} SET created = coalesce(to_timestamp(%s), created), "
+                                 "updated = coalesce(to_timestamp(%s), updated) WHERE id = %s"),
+                         (created, updated, session_id))
+
     def _touch(self, conn: psycopg.Connection[Any], session_id: str) -> None:
         conn.execute(self._q("INSERT INTO {sessions} (id) VALUES (%s) "
                              "ON CONFLICT (id) DO UPDATE SET updated = now()"), (session_id,))

@@ -209,7 +209,7 @@ class RedisStorage(ConversationStorage):
             self._touch(tx, session_id)
             tx.execute()
 
-    def _save_many(self, items: list[tuple[str, list[ChatMessage]]]) -> None:
+    def _save_many(self, items: list[tuple[str, list[ChatMessage]]], times: dict) -> None:
         # One MULTI/EXEC for the batch: one round trip instead of one per session.
         with self._errors(), self.client.pipeline(transaction=True) as tx:
             for session_id, history in items:
@@ -218,7 +218,23 @@ class RedisStorage(ConversationStorage):
                 if history:
                     tx.rpush(key, *(encode_message(m) for m in history))
                 self._touch(tx, session_id)
+                if session_id in times:
+                    self._queue_times(tx, session_id, *times[session_id])
             tx.execute()
+
+    def _set_times(self, session_id: str, created: float | None, updated: float | None) -> None:
+        if not self._exists(session_id):
+            return  # HSET would make a hash for a session that is not there
+        with self._errors(), self.client.pipeline(transaction=True) as tx:
+            self._queue_times(tx, session_id, created, updated)
+            tx.execute()
+
+    def _queue_times(self, tx: Any, session_id: str, created: float | None, updated: float | None) -> None:
+        # The times only: a ttl still counts from the write, not from the original's time.
+        fields = {name: value for name, value in (("created", created), ("updated", updated))
+                  if value is not None}
+        if fields:
+            tx.hset(self._meta_key(session_id), mapping=fields)
 
     def _load_many(self, session_ids: list[str]) -> list[list[ChatMessage]]:
         # One round trip for the batch; a transaction, so every history is from one instant.

@@ -72,6 +72,8 @@ SCHEMA_VERSION = len(_STEPS)
 
 _TOUCH = ("INSERT INTO sessions (id, created, updated) VALUES (?1, ?2, ?2) "
           "ON CONFLICT (id) DO UPDATE SET updated = excluded.updated")
+_SET_TIMES = ("UPDATE sessions SET created = coalesce(?2, created), updated = coalesce(?3, updated) "
+              "WHERE id = ?1")
 _INSERT = "INSERT INTO messages (session_id, role, content) VALUES (?, ?, ?)"
 # Contents come back as bytes so that a row that is not valid text is reported as
 # corrupt, with its row id, rather than as an OperationalError from the driver.
@@ -308,7 +310,7 @@ class SqliteStorage(ConversationStorage):
             conn.execute(_TOUCH, (session_id, time.time()))
             conn.executemany(_INSERT, [(session_id, m.role, m.content) for m in messages])
 
-    def _save_many(self, items: list[tuple[str, list[ChatMessage]]]) -> None:
+    def _save_many(self, items: list[tuple[str, list[ChatMessage]]], times: dict) -> None:
         # One transaction, so one fsync for the whole batch rather than one per session.
         now = time.time()
         with self._writing() as conn:
@@ -317,6 +319,11 @@ class SqliteStorage(ConversationStorage):
                              [(sid,) for sid, _ in items])
             conn.executemany(_INSERT, [(sid, m.role, m.content)
                                        for sid, history in items for m in history])
+            conn.executemany(_SET_TIMES, [(sid, *times[sid]) for sid, _ in items if sid in times])
+
+    def _set_times(self, session_id: str, created: float | None, updated: float | None) -> None:
+        with self._writing() as conn:
+            conn.execute(_SET_TIMES, (session_id, created, updated))
 
     def _load(self, session_id: str) -> list[ChatMessage]:
         with self._reading() as conn:
