@@ -20,6 +20,7 @@ from typing import Any, Iterable
 from ..errors import StorageError, StorageUnavailable
 from ..messages import ChatMessage, decode_history, encode_history
 from .base import ConversationStorage, SessionInfo, is_valid_session_id
+from .dirs import make_private_dirs
 
 SUFFIX = ".json"
 
@@ -50,7 +51,7 @@ class FileStorage(ConversationStorage):
 
     def _ensure_dir(self) -> None:
         try:
-            _make_private_dirs(self.directory)
+            make_private_dirs(self.directory)
         except OSError as exc:
             raise _io_error(f"cannot create the session directory {self.directory}", exc) from exc
         if not self.directory.is_dir():
@@ -187,21 +188,6 @@ class FileStorage(ConversationStorage):
 
     def _unlock(self, session_id: str, handle: Any) -> None:
         os.close(handle)  # closing the descriptor releases the flock
-
-
-def _make_private_dirs(directory: Path) -> None:
-    """mkdir -p where every directory created is 0700: mkdir(parents=True) would give the
-    parents the umask's mode (0777 under umask 0), and a writable parent lets anyone
-    swap the session directory for their own."""
-    if directory.is_dir():
-        return
-    if directory.parent != directory:
-        _make_private_dirs(directory.parent)
-    try:
-        directory.mkdir(mode=0o700)
-    except FileExistsError:
-        if not directory.is_dir():  # a file in the way: say so, as mkdir -p does
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory)) from None
 
 
 # The seed's format has no room for times, and every write renames a new file into

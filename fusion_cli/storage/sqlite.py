@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 from ..errors import CorruptSession, InvalidStorageURL, StorageError, StorageUnavailable
 from ..messages import ROLES, ChatMessage, unknown_role
 from .base import ConversationStorage, SessionInfo
+from .dirs import make_private_dirs
 
 if TYPE_CHECKING:
     import sqlite3
@@ -193,7 +194,7 @@ class SqliteStorage(ConversationStorage):
         return self._conn
 
     def _create_file(self) -> None:
-        _make_private_dirs(self.path.parent)
+        make_private_dirs(self.path.parent)
         try:
             # Created here rather than by SQLite, whose files follow the umask (0644).
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
@@ -383,7 +384,7 @@ class SqliteStorage(ConversationStorage):
 
     def _try_lock(self, session_id: str) -> Any:
         with self._errors():
-            _make_private_dirs(self.lock_dir)
+            make_private_dirs(self.lock_dir)
             path = self.lock_dir / f"{session_id}.lock"
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
@@ -398,20 +399,6 @@ class SqliteStorage(ConversationStorage):
 
     def _unlock(self, session_id: str, handle: Any) -> None:
         os.close(handle)  # closing the descriptor releases the flock
-
-
-def _make_private_dirs(directory: Path) -> None:
-    # Every directory we create is 0700, not only the last (mkdir(parents=True)
-    # gives the others the umask's mode).
-    if directory.is_dir():
-        return
-    _make_private_dirs(directory.parent)
-    try:
-        directory.mkdir(mode=0o700)
-    except FileExistsError:
-        if not directory.is_dir():
-            not_dir = errno.ENOTDIR
-            raise NotADirectoryError(not_dir, os.strerror(not_dir), str(directory)) from None
 
 
 def _user_version(conn: sqlite3.Connection) -> int:
