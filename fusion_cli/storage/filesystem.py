@@ -64,9 +64,8 @@ class FileStorage(ConversationStorage):
         # Each file as `_save` writes it, but the directory fsynced once for the batch (its
         # renames are durable from then on) rather than once per file: half the fsyncs.
         for session_id, history in items:
-            self._write_atomic(self.path(session_id), encode_history(history), sync_dir=False)
-            if session_id in times:
-                self._set_times(session_id, *times[session_id])
+            self._write_atomic(self.path(session_id), encode_history(history), sync_dir=False,
+                               times=times.get(session_id))
         _fsync_dir(self.directory)
 
     def _set_times(self, session_id: str, created: float | None, updated: float | None) -> None:
@@ -96,7 +95,11 @@ class FileStorage(ConversationStorage):
             raise _io_error(f"cannot read {path}", exc) from exc
         return _birth_time(st, path), st.st_mtime
 
-    def _write_atomic(self, target: Path, data: bytes, sync_dir: bool = True) -> None:
+    def _write_atomic(self, target: Path, data: bytes, sync_dir: bool = True,
+                      times: tuple[float | None, float | None] | None = None) -> None:
+        """Replace `target` with `data`; `times` (created, updated), when given, are set on
+        the new file before it is renamed into place, so they arrive with the content."""
+        created, updated = times or (None, None)
         self._ensure_dir()
         tmp = None
         try:
@@ -105,9 +108,11 @@ class FileStorage(ConversationStorage):
             tmp = self.directory / f".{target.stem}.{os.urandom(6).hex()}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as f:
-                _carry_created_time(target, f.fileno())
+                _set_created_time(target, f.fileno(), created)
                 f.write(data)
                 f.flush()
+                if updated is not None:
+                    os.utime(f.fileno(), (updated, updated))  # the rename keeps it
                 os.fsync(f.fileno())
             os.replace(tmp, target)
             tmp = None
@@ -159,15 +164,8 @@ class FileStorage(ConversationStorage):
         return ids
 
     def _info(self, session_id: str) -> SessionInfo | None:
-        path = self.path(session_id)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise _io_error(f"cannot read {path}", exc) from exc
-        # The seed's format has no times; the file's own are the best we have.
-        return SessionInfo(session_id, self._count(session_id), _birth_time(st, path), st.st_mtime)
+        times = self._get_times(session_id)
+        return None if times is None else SessionInfo(session_id, self._count(session_id), *times)
 
     def _try_lock(self, session_id: str) -> Any:
         self._ensure_dir()
@@ -207,13 +205,16 @@ def _birth_time(st: os.stat_result, path: Path | None = None) -> float:
     return getattr(st, "st_birthtime", None) or min(st.st_ctime, st.st_mtime)
 
 
-def _carry_created_time(target: Path, fd: int) -> None:
+def _set_created_time(target: Path, fd: int, created: float | None) -> None:
+    """Mark the new file `fd` with `created`, or else with the created time of the `target`
+    it replaces."""
     if not _HAS_XATTR:
         return
-    try:
-        created = _birth_time(target.stat(), target)
-    except OSError:
-        return  # a new session: its own file times are its creation time
+    if created is None:
+        try:
+            created = _birth_time(target.stat(), target)
+        except OSError:
+            return  # a new session: its own file times are its creation time
     try:
         os.setxattr(fd, CREATED_XATTR, repr(created).encode())
     except OSError:
