@@ -172,7 +172,7 @@ def _copy_batch(source: ConversationStorage, destination: ConversationStorage,
         with contextlib.ExitStack() as held:
             for sid in sids:  # timeout 0: a busy session sends the batch the one-by-one way
                 held.enter_context(destination.lock(sid, timeout=0))
-            times = {sid: t for sid in sids if (t := source.times(sid)) is not None}
+            times = {sid: t for sid, t in zip(sids, source.times_many(sids)) if t is not None}
             destination.save_many(zip(sids, histories), times)  # a copy keeps its times
             copies = destination.load_many(sids)
         if copies != histories:  # through an EncryptedStorage, plaintexts are compared

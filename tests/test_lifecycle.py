@@ -155,6 +155,7 @@ def test_set_times_and_times_on_every_backend(store):
     assert close(store.times("s")[0], OLD_CREATED) and close(store.times("s")[1], OLD_CREATED)
     store.set_times("absent", OLD_CREATED, OLD_UPDATED)  # creates nothing
     assert not store.exists("absent") and store.times("absent") is None
+    assert store.times_many(["s", "absent", "s"]) == [store.times("s"), None, store.times("s")]
     time.sleep(PAUSE)
     store.append("s", [U("c")])  # a later write moves updated to now and keeps created
     created, updated = store.times("s")

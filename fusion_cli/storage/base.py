@@ -164,6 +164,10 @@ class ConversationStorage(ABC):
         """(created, updated) of a session, None if it does not exist; cheaper than `info`."""
         return self._get_times(validate_session_id(session_id))
 
+    def times_many(self, session_ids: Iterable[str]) -> list[Times | None]:
+        """`times` of each id, in order, in as few round trips as the backend allows."""
+        return self._times_many([validate_session_id(sid) for sid in session_ids])
+
     def load_many(self, session_ids: Iterable[str]) -> list[list[ChatMessage]]:
         """`load` of each id, in order, in as few round trips as the backend allows."""
         return self._load_many([validate_session_id(sid) for sid in session_ids])
@@ -275,6 +279,9 @@ class ConversationStorage(ABC):
 
     def _load_many(self, session_ids: list[str]) -> list[list[ChatMessage]]:
         return [self._load(session_id) for session_id in session_ids]
+
+    def _times_many(self, session_ids: list[str]) -> list[Times | None]:
+        return [self._get_times(session_id) for session_id in session_ids]
 
     def _info(self, session_id: str) -> SessionInfo | None:
         if not self._exists(session_id):

@@ -128,6 +128,9 @@ class EncryptedStorage(ConversationStorage):
     def _get_times(self, session_id: str):
         return self.inner.times(session_id)
 
+    def _times_many(self, session_ids: list[str]):
+        return self.inner.times_many(session_ids)
+
     def _load(self, session_id: str) -> list[ChatMessage]:
         plain = self.decode(session_id, self.inner.load(session_id))
         self._read_ok.add(session_id)

@@ -336,6 +336,17 @@ class PostgresStorage(ConversationStorage):
              "extract(epoch FROM s.updated)::float8 "
              "FROM {sessions} s LEFT JOIN {messages} m ON m.session_id = s.id ")
 
+    def _get_times(self, session_id: str):
+        return self._times_many([session_id])[0]
+
+    def _times_many(self, session_ids: list[str]):
+        with self._tx() as conn:  # one query for the batch (migrate asks it of every session)
+            rows = conn.execute(self._q("SELECT id, extract(epoch FROM created)::float8, "
+                                        "extract(epoch FROM updated)::float8 FROM {sessions} "
+                                        "WHERE id = ANY(%s)"), (session_ids,)).fetchall()
+        found = {sid: (created, updated) for sid, created, updated in rows}
+        return [found.get(sid) for sid in session_ids]
+
     def _info(self, session_id: str) -> SessionInfo | None:
         with self._tx() as conn:
             row = conn.execute(self._q(self._INFO + "WHERE s.id = %s GROUP BY s.id"),

@@ -192,14 +192,7 @@ class RedisStorage(ConversationStorage):
     # ---- the hooks -----------------------------------------------------------
 
     def _save(self, session_id: str, history: list[ChatMessage]) -> None:
-        key = self._list_key(session_id)
-        items = [encode_message(m) for m in history]
-        with self._errors(), self.client.pipeline(transaction=True) as tx:
-            tx.delete(key)
-            if items:  # RPUSH needs at least one value; an empty history is just the index entry
-                tx.rpush(key, *items)
-            self._touch(tx, session_id)
-            tx.execute()
+        self._save_many([(session_id, history)], {})
 
     def _append(self, session_id: str, messages: list[ChatMessage]) -> None:
         # RPUSH is atomic on its own; no lock and no read of the history.
@@ -215,7 +208,7 @@ class RedisStorage(ConversationStorage):
             for session_id, history in items:
                 key = self._list_key(session_id)
                 tx.delete(key)
-                if history:
+                if history:  # RPUSH needs at least one value; an empty history is just the index entry
                     tx.rpush(key, *(encode_message(m) for m in history))
                 self._touch(tx, session_id)
                 if session_id in times:
@@ -300,6 +293,20 @@ class RedisStorage(ConversationStorage):
             if not str(exc).startswith("WRONGTYPE"):
                 raise
             raise CorruptSession(f"{self.location} key {key}", f"not {kind} (WRONGTYPE)") from exc
+
+    def _get_times(self, session_id: str):
+        return self._times_many([session_id])[0]
+
+    def _times_many(self, session_ids: list[str]):
+        # One round trip for the batch (migrate asks it of every session it copies).
+        with self._errors(), self.client.pipeline(transaction=True) as tx:
+            for session_id in session_ids:
+                tx.zscore(self._index, session_id)
+                tx.hmget(self._meta_key(session_id), "created", "updated")
+            replies = tx.execute()
+        now = time.time()
+        return [(_float(created), _float(updated)) if _alive(score, now) else None
+                for score, (created, updated) in zip(replies[::2], replies[1::2])]
 
     def _info(self, session_id: str) -> SessionInfo | None:
         with self._errors(), self.client.pipeline(transaction=True) as tx:

@@ -300,10 +300,7 @@ class SqliteStorage(ConversationStorage):
     # ---- the hooks -------------------------------------------------------------
 
     def _save(self, session_id: str, history: list[ChatMessage]) -> None:
-        with self._writing() as conn:
-            conn.execute(_TOUCH, (session_id, time.time()))
-            conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
-            conn.executemany(_INSERT, [(session_id, m.role, m.content) for m in history])
+        self._save_many([(session_id, history)], {})
 
     def _append(self, session_id: str, messages: list[ChatMessage]) -> None:
         # No read and no lock: the transaction alone makes concurrent appends safe.
@@ -366,6 +363,12 @@ class SqliteStorage(ConversationStorage):
                 return 0
             return conn.execute("SELECT count(*) FROM messages WHERE session_id = ?",
                                 (session_id,)).fetchone()[0]
+
+    def _get_times(self, session_id: str):
+        with self._reading() as conn:  # the sessions row alone, without counting messages
+            row = None if conn is None else conn.execute(
+                "SELECT created, updated FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return tuple(row) if row else None
 
     def _info(self, session_id: str) -> SessionInfo | None:
         with self._reading() as conn:
