@@ -193,9 +193,8 @@ def _copy_one(source: ConversationStorage, destination: ConversationStorage,
         return len(history)
     times = source.times(sid)
     with destination.lock(sid, timeout=lock_timeout):
-        destination.save(sid, history)
-        if times is not None:
-            destination.set_times(sid, *times)  # a copy keeps its times
+        # One write with its times, where the backend can (a copy keeps its times).
+        destination.save_many([(sid, history)], {sid: times} if times is not None else None)
         copy = destination.load(sid)
     if copy != history:  # through an EncryptedStorage, plaintexts are compared
         raise StorageError(f"verification failed: the copy of {sid!r} in {destination.location} differs")

@@ -85,6 +85,9 @@ def test_migrate_a_busy_session_waits_for_its_lock_then_copies(make_url, monkeyp
     holder.join()
     assert report.copied == sorted(sessions)
     assert dict(zip(sorted(sessions), dst.load_many(sorted(sessions)))) == sessions
+    # the one-by-one copies keep their times too
+    assert [t[1] for t in dst.times_many(sorted(sessions))] == pytest.approx(
+        [t[1] for t in src.times_many(sorted(sessions))], abs=1e-3)
     for s in (src, dst, other):
         s.close()
 
