@@ -267,8 +267,5 @@ def import_sessions(data: bytes | list[tuple[str, list[ChatMessage]]], store: Co
     times: dict[str, tuple[float | None, float | None]] = {}
     sessions = parse_export(data, source, times) if isinstance(data, (bytes, bytearray)) else data
     staged = MemoryStorage()
-    for sid, history in sessions:
-        staged.save(sid, history)
-        if sid in times:  # the export's times, which migrate carries to the copy
-            staged.set_times(sid, *times[sid])
+    staged.save_many(sessions, times)  # with the export's times, which migrate carries to the copy
     return migrate(staged, store, None, on_conflict, dry_run, lock_timeout, progress, action="import")
